@@ -1,0 +1,85 @@
+"""Self-describing model directories: config + safetensors + tokenizer + metadata. No pickles.
+
+    <dir>/slime_config.yaml     ModelConfig (paths cleared: the weights live here)
+    <dir>/llm_config.json       HF config of the language model (rebuilds the exact architecture)
+    <dir>/vision_config.json    HF config of the vision encoder
+    <dir>/model.safetensors     every parameter of SlimeModel (fixed sin-cos tables are recomputed)
+    <dir>/tokenizer/            the tokenizer, saved with the model (nothing is downloaded)
+    <dir>/metadata.json         format version, parameter counts, training provenance
+
+Writes are atomic for local directories (a temp dir renamed into place); ``load_pretrained`` accepts a
+local path or any fsspec URI (s3://...).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from pathlib import Path
+
+import torch
+import yaml
+from safetensors.torch import load_file, save_file
+from transformers import AutoTokenizer
+
+from slime.config import ModelConfig, from_dict, replace, to_dict
+from slime.storage import local_copy
+
+FORMAT_VERSION = 1
+
+
+def save_pretrained(model, tokenizer, out_dir: str | Path, metadata: dict | None = None) -> Path:
+    out = Path(out_dir)
+    tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    cfg: ModelConfig = model.cfg
+    cfg = replace(cfg, vision=replace(cfg.vision, path=None), llm=replace(cfg.llm, path=None), tokenizer_path=None)
+    (tmp / "slime_config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    llm_conf = model.llm.config.to_dict()
+    llm_conf["vocab_size"] = model.llm.get_input_embeddings().weight.shape[0]
+    (tmp / "llm_config.json").write_text(json.dumps(llm_conf, indent=2, default=str))
+    (tmp / "vision_config.json").write_text(json.dumps(model.vision.encoder.config.to_dict(), indent=2, default=str))
+    # clone(): safetensors refuses tensors that share storage (tied embeddings).
+    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+    tokenizer.save_pretrained(str(tmp / "tokenizer"))
+    meta = {"format_version": FORMAT_VERSION, "created": time.time(),
+            "num_parameters": sum(p.numel() for p in model.parameters()),
+            "image_token_id": model.image_token_id, "separator_id": model.separator_id, **(metadata or {})}
+    (tmp / "metadata.json").write_text(json.dumps(meta, indent=2, default=str))
+    if out.exists():
+        shutil.rmtree(out)
+    tmp.rename(out)
+    return out
+
+
+def load_config(path: str | Path) -> ModelConfig:
+    return from_dict(ModelConfig, yaml.safe_load((Path(path) / "slime_config.yaml").read_text()))
+
+
+def load_pretrained(path: str, device: str | torch.device = "cpu", dtype: str | None = None):
+    """(model, tokenizer) from a model directory (local path or s3://...)."""
+    from slime.model import build_model
+
+    local = Path(local_copy(str(path)))
+    if not (local / "slime_config.yaml").exists():
+        raise FileNotFoundError(f"{path} is not a slime model directory (no slime_config.yaml)")
+    cfg = load_config(local)
+    if dtype:
+        cfg = replace(cfg, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(str(local / "tokenizer"))
+    llm_conf = json.loads((local / "llm_config.json").read_text())
+    vision_conf = json.loads((local / "vision_config.json").read_text())
+    for key in ("architectures", "transformers_version", "_name_or_path"):
+        llm_conf.pop(key, None)
+    model = build_model(cfg, tokenizer, llm_hf_config=llm_conf, vision_hf_config=vision_conf)
+    state = load_file(str(local / "model.safetensors"))
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise ValueError(f"{path}: checkpoint does not match the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
+    target = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
+    return model.to(device=device, dtype=target).eval(), tokenizer

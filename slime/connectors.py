@@ -1,0 +1,191 @@
+"""Connectors between the vision tower and the LLM (SliME A2, Dense Connector B1-B2).
+
+* DenseConnector: parameter-free fusion of tapped layers -> [M, P', Din]; ``mlp`` passes the base
+  layer through, ``sti`` appends 1-D pooled tokens of the extra layers, ``sci`` concatenates extra
+  layers along channels, ``dci`` concatenates group means along channels. Order is always [base, ...].
+* MLPProjector: LLaVA-1.5 ``mlp2x_gelu`` (Din -> D -> D), the shared projector P of SliME.
+* Resampler: perceiver-style cross-attention from learned queries (2-D sin-cos positions on queries and
+  keys, LayerNorm eps 1e-6, no FFN, no residual). Used by the attention adapter and QueryCompressor.
+* MixtureOfAdapters: per-token zero-initialised gate over {P(x), P(R(x))}; which path runs is chosen
+  by ``forced_expert`` (never by the tensor's shape).
+
+Shape legend: M tiles · P patches/tile · P' tokens after fusion · Din fused width · D LLM width ·
+Q queries · L blocks run by the tower.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from slime.config import ConnectorConfig, VisionConfig
+
+
+def patch_positions(side: int) -> torch.Tensor:
+    """(y, x) of every patch of a side x side grid in raster order -> [side*side, 2]."""
+    ys, xs = torch.meshgrid(torch.arange(side, dtype=torch.float32), torch.arange(side, dtype=torch.float32),
+                            indexing="ij")
+    return torch.stack([ys.flatten(), xs.flatten()], dim=-1)
+
+
+def query_positions(num_queries: int, key_side: int) -> torch.Tensor:
+    """A sqrt(Q) x sqrt(Q) query grid laid over the key grid (cell centres, in key-patch units)."""
+    q_side = math.isqrt(num_queries)
+    scale = key_side / q_side
+    return (patch_positions(q_side) + 0.5) * scale - 0.5
+
+
+def sincos_2d(positions: torch.Tensor, dim: int) -> torch.Tensor:
+    """Fixed 2-D sin-cos table for arbitrary (y, x) coordinates -> [N, dim] (half y, half x)."""
+    if dim % 4:
+        raise ValueError(f"sin-cos positions need a width divisible by 4, got {dim}")
+    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float32) / (dim / 4))
+    parts = []
+    for axis in (0, 1):
+        angles = positions[:, axis, None] * omega[None]  # [N, dim/4]
+        parts += [angles.sin(), angles.cos()]
+    return torch.cat(parts, dim=-1)
+
+
+class DenseConnector(nn.Module):
+    """Parameter-free multi-layer fusion (MODEL_SPEC B2); the MLP projector is separate."""
+
+    def __init__(self, cfg: ConnectorConfig, vision: VisionConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.base_index = vision.base_index
+        self.num_layers = vision.num_layers
+        self.side = vision.image_size // vision.patch_size
+        num_states = vision.num_layers + 1
+        if cfg.kind in ("sti", "sci"):
+            bad = [i for i in cfg.extra_layers if not 0 <= i < num_states]
+            if bad:
+                raise ValueError(f"connector.extra_layers {list(cfg.extra_layers)}: {bad} outside the "
+                                 f"tower's hidden_states 0..{num_states - 1}")
+        if cfg.kind == "dci" and vision.num_layers % cfg.dci_groups:
+            raise ValueError(f"connector.dci_groups {cfg.dci_groups} does not divide the tower's {vision.num_layers} blocks")
+        width = vision.hidden_dim
+        self.out_dim = {"mlp": width, "sti": width, "sci": width * (1 + len(cfg.extra_layers)),
+                        "dci": width * (1 + cfg.dci_groups)}[cfg.kind]
+        pos = patch_positions(self.side)
+        if cfg.kind == "sti":  # pooled tokens sit at the mean position of the patches they average
+            pooled = self._pool(pos[None])[0]
+            pos = torch.cat([pos] + [pooled] * len(cfg.extra_layers))
+        self.register_buffer("positions", pos, persistent=False)  # [P', 2]
+
+    @property
+    def num_tokens(self) -> int:
+        return self.positions.shape[0]
+
+    def _pool(self, x: torch.Tensor) -> torch.Tensor:
+        # 1-D pooling over the raster sequence (not 2-D): [M, P, C] -> [M, floor(P/k), C]
+        k = self.cfg.sti_pool
+        return F.avg_pool1d(x.transpose(1, 2), kernel_size=k, stride=k).transpose(1, 2)
+
+    def forward(self, states: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """L+1 hidden states [M, P, Dv] -> fused features [M, P', Din]."""
+        base = states[self.base_index]
+        kind = self.cfg.kind
+        if kind == "mlp":
+            return base
+        if kind == "sti":
+            return torch.cat([base] + [self._pool(states[i]) for i in self.cfg.extra_layers], dim=1)
+        if kind == "sci":
+            return torch.cat([base] + [states[i] for i in self.cfg.extra_layers], dim=-1)
+        # dci: groups partition hidden_states[0 : L] (stem + blocks 1..L-1); CLIP-L: 0-11, 12-23.
+        group = self.num_layers // self.cfg.dci_groups
+        means = [torch.stack(states[g * group:(g + 1) * group]).mean(0) for g in range(self.cfg.dci_groups)]
+        return torch.cat([base] + means, dim=-1)
+
+
+class MLPProjector(nn.Module):
+    """LLaVA-1.5 mlp2x_gelu; names match transformers' LlavaNextMultiModalProjector."""
+
+    def __init__(self, in_dim: int, out_dim: int) -> None:
+        super().__init__()
+        self.linear_1 = nn.Linear(in_dim, out_dim)
+        self.act = nn.GELU()
+        self.linear_2 = nn.Linear(out_dim, out_dim)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for lin in (self.linear_1, self.linear_2):
+            lin.reset_parameters()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear_2(self.act(self.linear_1(x)))
+
+
+class Resampler(nn.Module):
+    """Q learned queries cross-attend once to the tokens of each tile: [M, N, Din] -> [M, Q, Din]."""
+
+    def __init__(self, num_queries: int, dim: int, num_heads: int, key_positions: torch.Tensor,
+                 query_pos: torch.Tensor | None = None) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"resampler width {dim} is not divisible by num_heads {num_heads}")
+        key_side = int(key_positions[:, 1].max().item()) + 1
+        qpos = query_positions(num_queries, key_side) if query_pos is None else query_pos
+        self.query = nn.Parameter(torch.empty(num_queries, dim))
+        self.attn = nn.MultiheadAttention(dim, num_heads, batch_first=True)
+        self.ln_q = nn.LayerNorm(dim, eps=1e-6)
+        self.ln_kv = nn.LayerNorm(dim, eps=1e-6)
+        self.ln_post = nn.LayerNorm(dim, eps=1e-6)
+        # Fixed tables, recomputed from geometry (never trained, never saved).
+        self.register_buffer("query_pos", sincos_2d(qpos, dim), persistent=False)
+        self.register_buffer("key_pos", sincos_2d(key_positions, dim), persistent=False)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.trunc_normal_(self.query, std=0.02)
+        self.attn._reset_parameters()
+        for ln in (self.ln_q, self.ln_kv, self.ln_post):
+            ln.reset_parameters()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        kv = self.ln_kv(x)  # [M, N, Din]
+        q = (self.ln_q(self.query) + self.query_pos.to(x.dtype)).unsqueeze(0).expand(x.shape[0], -1, -1)
+        out, _ = self.attn(q, kv + self.key_pos.to(x.dtype), kv, need_weights=False)  # [M, Q, Din]
+        return self.ln_post(out)
+
+
+class MixtureOfAdapters(nn.Module):
+    """Global branch (MODEL_SPEC A2): out_i = g_i0 * P(x)_i + g_i1 * P(R(x))_i with a per-token gate.
+
+    The shared projector P is passed in at call time so it is registered once, as ``projector``, on the
+    model (phase prefixes stay unambiguous). Gate and noise weights start at zero -> 0.5 / 0.5.
+    """
+
+    def __init__(self, resampler: Resampler, in_dim: int, gate_noise: bool = True) -> None:
+        super().__init__()
+        self.resampler = resampler
+        self.gate = nn.Linear(in_dim, 2, bias=False)
+        self.noise = nn.Linear(in_dim, 2, bias=False)  # paper's W_noise (upstream reuses W_gate)
+        self.gate_noise = gate_noise
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.gate.weight)
+        nn.init.zeros_(self.noise.weight)
+
+    def gates(self, x: torch.Tensor) -> torch.Tensor:
+        """Per-token expert weights [B, G, 2] (noisy in training)."""
+        logits = self.gate(x).float()
+        if self.training and self.gate_noise:
+            scale = F.softplus(self.noise(x).float()) + 0.01
+            logits = logits + torch.randn_like(logits) * scale
+        return logits.softmax(dim=-1).to(x.dtype)
+
+    def forward(self, x: torch.Tensor, projector: nn.Module, forced_expert: int | None = None) -> torch.Tensor:
+        """[B, G, Din] -> [B, G, D]."""
+        if forced_expert == 0:
+            return projector(x)
+        if forced_expert == 1:
+            return projector(self.resampler(x))
+        if forced_expert is not None:
+            raise ValueError(f"forced_expert must be 0 (MLP), 1 (attention) or None, got {forced_expert}")
+        g = self.gates(x)
+        return g[..., :1] * projector(x) + g[..., 1:] * projector(self.resampler(x))

@@ -1,0 +1,88 @@
+"""Local branch (SliME A3): QueryCompressor per crop, raster re-layout, TextGuidedSelector.
+
+QueryCompressor: Q learned queries (default 144 = 12x12) cross-attend to each crop's tokens, then the
+shared projector P maps them to the LLM width. ``raster_layout`` re-orders the crops' query grids so
+the tokens read row by row across the whole (rows*q) x (cols*q) map.
+
+TextGuidedSelector: cosine relevance of each local token to the *instruction* tokens' input embeddings
+(never the answer: upstream leaked answers into this score in training), computed by normalised matmul
+in fp32 (no [L, T, D] broadcast), Gaussian noise sigma 0.1 in training, then either keep
+ceil(gamma * L) top tokens (default) or the upstream nucleus rule; kept tokens stay in original order.
+Selection is a hard gather: no gradient reaches the scores.
+
+Shape legend: n crops · P' tokens/crop · Din fused width · Q queries/crop · q = sqrt(Q) · D LLM width ·
+L = n*Q local tokens · T instruction tokens · K kept tokens.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from slime.config import LocalConfig
+from slime.connectors import Resampler
+from slime.tiling import kept_count
+
+
+class QueryCompressor(nn.Module):
+    def __init__(self, resampler: Resampler) -> None:
+        super().__init__()
+        self.resampler = resampler
+
+    def forward(self, crops: torch.Tensor, projector: nn.Module) -> torch.Tensor:
+        """[n, P', Din] -> [n, Q, D]."""
+        return projector(self.resampler(crops))
+
+
+def raster_layout(tokens: torch.Tensor, cols: int, rows: int) -> torch.Tensor:
+    """[n, Q, D] crops in row-major order -> [n*Q, D] in raster order over the whole token map."""
+    n, num_q, dim = tokens.shape
+    if n != cols * rows:
+        raise ValueError(f"{n} crops do not fill a {cols}x{rows} grid")
+    q = math.isqrt(num_q)
+    grid = tokens.view(rows, cols, q, q, dim).permute(0, 2, 1, 3, 4)  # [rows, q, cols, q, D]
+    return grid.reshape(rows * q * cols * q, dim)
+
+
+class TextGuidedSelector(nn.Module):
+    """No parameters. Returns kept tokens and a validity mask (all True except unused nucleus slots)."""
+
+    def __init__(self, cfg: LocalConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+
+    @torch.no_grad()
+    def scores(self, tokens: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
+        """Mean cosine similarity of each local token to the instruction tokens: [L, D], [T, D] -> [L] fp32."""
+        if text.shape[0] == 0:
+            return torch.zeros(tokens.shape[0], device=tokens.device)
+        v = nn.functional.normalize(tokens.float(), dim=-1)
+        t = nn.functional.normalize(text.float(), dim=-1)
+        return (v @ t.T).mean(dim=-1)  # [L, T] -> [L]; the paper averages (upstream sums)
+
+    def forward(self, tokens: torch.Tensor, text: torch.Tensor, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """[L, D], [T, D] -> kept [K, D] in original order and valid mask [K] (K = kept_count(L, gamma))."""
+        num_local = tokens.shape[0]
+        k = kept_count(num_local, gamma, self.cfg.selection)
+        s = self.scores(tokens, text)
+        if self.training and self.cfg.noise_std > 0:
+            s = s + self.cfg.noise_std * torch.randn_like(s)
+        if text.shape[0] == 0 and not self.training:
+            # Nothing to rank against (e.g. a caption prompt): keep evenly spaced tokens.
+            idx = torch.linspace(0, num_local - 1, k, device=tokens.device).round().long()
+            return tokens[idx], torch.ones(k, dtype=torch.bool, device=tokens.device)
+        if self.cfg.selection == "topk":
+            idx = s.topk(k).indices.sort().values
+            return tokens[idx], torch.ones(k, dtype=torch.bool, device=tokens.device)
+        # Upstream nucleus: keep tokens whose cumulative probability is <= gamma, plus one more.
+        p = (s / self.cfg.temperature).softmax(dim=-1)
+        order = p.argsort(descending=True)
+        keep = int((p[order].cumsum(0) <= gamma).sum().item()) + 1
+        idx = order[: min(keep, num_local)].sort().values
+        out = tokens.new_zeros(k, tokens.shape[1])
+        out[: idx.numel()] = tokens[idx]
+        valid = torch.zeros(k, dtype=torch.bool, device=tokens.device)
+        valid[: idx.numel()] = True
+        return out, valid
