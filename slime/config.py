@@ -41,8 +41,9 @@ class VisionConfig:
     select_layer: int = -2  # HF hidden_states index of the base feature (CLIP -2, SigLIP -1)
 
     def __post_init__(self) -> None:
-        if self.image_size % self.patch_size:
-            raise ValueError(f"vision.image_size {self.image_size} is not a multiple of vision.patch_size {self.patch_size}")
+        # No divisibility check: the patch conv floors, e.g. SigLIP-so400m 384 / 14 -> 27 x 27 = 729 patches.
+        if self.image_size < self.patch_size:
+            raise ValueError(f"vision.image_size {self.image_size} is smaller than vision.patch_size {self.patch_size}")
 
     @property
     def num_patches(self) -> int:

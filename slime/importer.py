@@ -2,7 +2,7 @@
 
 Upstream layout (``LlavaLlamaForCausalLM``):
     model.embed_tokens / model.layers.* / model.norm / lm_head          -> llm.model.* / llm.lm_head
-    model.vision_tower.vision_tower.vision_model.*                      -> vision.encoder.vision_model.*
+    model.vision_tower.vision_tower.vision_model.*                      -> vision.encoder.*
     SliME  model.mm_projector.projection.{0,2}.*  (shared MLP P)        -> projector.linear_{1,2}.*
            model.mm_projector.attn.*              (attention expert R)  -> global_adapter.resampler.*
            model.mm_projector.w_gate / w_noise    [Din, 2] (x @ W)      -> global_adapter.gate/noise.weight [2, Din]
@@ -24,7 +24,8 @@ import torch
 Kind = Literal["slime", "dense_connector"]
 
 _COMMON = [
-    (r"^model\.vision_tower\.vision_tower\.(.*)$", r"vision.encoder.\1"),
+    # transformers 5 flattened CLIPVisionModel: upstream "vision_model.X" is our "encoder.X".
+    (r"^model\.vision_tower\.vision_tower\.vision_model\.(.*)$", r"vision.encoder.\1"),
     (r"^model\.(embed_tokens|layers|norm)(\..*)$", r"llm.model.\1\2"),
     (r"^lm_head\.(.*)$", r"llm.lm_head.\1"),
 ]
@@ -67,7 +68,7 @@ def import_state_dict(upstream: dict[str, torch.Tensor], kind: Kind) -> tuple[di
 def export_state_dict(ours: dict[str, torch.Tensor], kind: Kind) -> dict[str, torch.Tensor]:
     """Ours -> upstream names (the inverse mapping; used to check the importer round-trips)."""
     inverse = {v: k for k, v in _GATES.items()}
-    rules = [(r"^vision\.encoder\.(.*)$", r"model.vision_tower.vision_tower.\1"),
+    rules = [(r"^vision\.encoder\.(.*)$", r"model.vision_tower.vision_tower.vision_model.\1"),
              (r"^llm\.model\.(.*)$", r"model.\1"), (r"^llm\.lm_head\.(.*)$", r"lm_head.\1")]
     if kind == "slime":
         rules += [(r"^projector\.linear_1\.(.*)$", r"model.mm_projector.projection.0.\1"),

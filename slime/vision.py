@@ -51,8 +51,10 @@ def _hf_config(cfg: VisionConfig) -> CLIPVisionConfig | SiglipVisionConfig:
 
 
 def _truncate_siglip(model: SiglipVisionModel) -> None:
-    layers = model.vision_model.encoder.layers
-    model.vision_model.encoder.layers = nn.ModuleList(list(layers)[:-1])
+    # transformers 5 flattened SiglipVisionModel (no .vision_model wrapper); 4.x still has it.
+    encoder = getattr(model, "vision_model", model).encoder
+    layers = encoder.layers
+    encoder.layers = nn.ModuleList(list(layers)[:-1])
     model.config.num_hidden_layers = len(layers) - 1
 
 
