@@ -1,0 +1,110 @@
+"""Synthetic high-res VQA generator: determinism, sizes, splits, and answers that are really drawn."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+
+import numpy as np
+from PIL import Image, ImageFont
+
+from jobs import synth as synth_job
+from pipelines import storage
+from pipelines.synth import COLORS, SynthConfig, _font, generate, render_image
+
+
+def _cfg(out, **kw) -> SynthConfig:
+    base = dict(output_dir=str(out), num_images=8, min_side=400, max_side=800, val_fraction=0.25,
+                png_fraction=0.4, progress=False)
+    return SynthConfig(**(base | kw))
+
+
+def _fingerprint(out) -> tuple[bytes, dict[str, str]]:
+    body = (out / "train.json").read_bytes() + (out / "val.json").read_bytes()
+    pixels = {p.name: hashlib.sha256(np.asarray(Image.open(p).convert("RGB")).tobytes()).hexdigest()
+              for p in sorted((out / "images").iterdir())}
+    return body, pixels
+
+
+def test_same_seed_same_bytes_and_pixels(tmp_path):
+    generate(_cfg(tmp_path / "a"))
+    generate(_cfg(tmp_path / "b"))
+    generate(_cfg(tmp_path / "c", seed=1))
+    a, b, c = (_fingerprint(tmp_path / d) for d in "abc")
+    assert a == b
+    assert a[0] != c[0] and set(a[1].values()).isdisjoint(c[1].values())
+
+
+def test_sizes_formats_and_splits(tmp_path):
+    cfg = _cfg(tmp_path)
+    summary = generate(cfg)
+    train = json.loads((tmp_path / "train.json").read_text())
+    val = json.loads((tmp_path / "val.json").read_text())
+    assert summary["train_records"] == len(train) and summary["val_records"] == len(val) > 0
+    assert {r["image"] for r in train}.isdisjoint({r["image"] for r in val})  # split by image
+    assert len({r["id"] for r in train + val}) == len(train + val)
+    assert {r["qtype"] for r in train + val} == {"detail", "global", "caption"}
+    formats = set()
+    for rel in {r["image"] for r in train + val}:
+        im = Image.open(tmp_path / rel)
+        formats.add(im.format)
+        assert 400 <= im.width <= 800 and 400 <= im.height <= 800
+        assert {"jpg": "JPEG", "png": "PNG"}[rel.rsplit(".", 1)[1]] == im.format
+    assert formats == {"JPEG", "PNG"}
+    for r in train + val:
+        human, gpt = r["conversations"]
+        assert human["from"] == "human" and human["value"].count("<image>") == 1 and gpt["from"] == "gpt"
+        if r["qtype"] != "caption":
+            assert len(gpt["value"].split()) == 1  # short answers: exact match is meaningful
+
+
+def test_answers_are_drawn_in_the_details(tmp_path):
+    cfg = _cfg(tmp_path, png_fraction=1.0)  # lossless, so colours can be checked exactly
+    generate(cfg)
+    records = json.loads((tmp_path / "train.json").read_text()) + json.loads((tmp_path / "val.json").read_text())
+    for i in range(cfg.num_images):
+        _, facts = render_image(random.Random(f"{cfg.seed}:{i}"), cfg)
+        name = f"s{cfg.seed}-{i:06d}"
+        px = np.asarray(Image.open(tmp_path / "images" / f"{name}.png").convert("RGB")).astype(int)
+        answers = {r["task"]: r["conversations"][1]["value"] for r in records if r["id"].startswith(name + "-")}
+        for task, answer in answers.items():
+            key = {"code": "code", "corner_color": "corner_color", "corner_shape": "corner_shape",
+                   "count_dots": "num_dots", "background": "background", "count_large": "num_large",
+                   "large_color": "large_color"}.get(task)
+            if key:
+                assert answer == str(facts[key]), (name, task)
+        # The corner mark really has the answered colour, at the corner the question names.
+        x0, y0, x1, y1 = facts["mark_box"]
+        mark = px[y0:y1, x0:x1].reshape(-1, 3)
+        assert (np.abs(mark - COLORS[facts["corner_color"]]).sum(1) < 10).sum() > 0.2 * len(mark)
+        assert (x0 < px.shape[1] / 2) == facts["corner"].endswith("left")
+        # The code box holds dark text and is small: under 2% of the image height.
+        x0, y0, x1, y1 = facts["code_box"]
+        assert (px[y0 + 2:y1 - 2, x0 + 2:x1 - 2].sum(2) < 200).any() and (y1 - y0) < 0.02 * px.shape[0] + 20
+        # Countable dots: the dot colour covers about num_dots dots' worth of pixels.
+        dot = (np.abs(px - COLORS[facts["dot_color"]]).sum(2) < 10).sum()
+        area = np.pi * (max(6, round(facts["type_px"] * 0.8)) / 2) ** 2
+        assert 0.5 * facts["num_dots"] * area < dot < 1.6 * facts["num_dots"] * area + 40
+
+
+def test_writes_to_s3(s3_bucket):
+    out = f"s3://{s3_bucket}/synth"
+    summary = generate(SynthConfig(output_dir=out, num_images=2, min_side=300, max_side=400, progress=False))
+    assert storage.listdir(out) == ["images", "train.json", "val.json"]
+    assert len(storage.listdir(f"{out}/images")) == 2 == summary["images"]
+    assert len(json.loads(storage.read_bytes(f"{out}/train.json"))) == summary["train_records"]
+
+
+def test_font_works_offline():
+    assert isinstance(_font(12), ImageFont.FreeTypeFont)
+
+
+def test_job_entry_point(tmp_path, capsys):
+    cfg_path = os.path.join(os.path.dirname(__file__), "..", "jobs", "configs", "synth_tiny.yaml")
+    assert open(cfg_path).readline().startswith("# ")
+    rc = synth_job.main(["--config", cfg_path, f"output_dir={tmp_path}", "num_images=3", "progress=false"])
+    assert rc == 0 and json.loads(capsys.readouterr().out)["images"] == 3
+    assert synth_job.main(["--config", cfg_path, "num_imagez=3"]) == 2
+    assert "num_imagez" in capsys.readouterr().err
