@@ -26,13 +26,16 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="slime convert", description=__doc__.split("\n\n")[1])
     ap.add_argument("--upstream", required=True, help="released checkpoint dir (local or s3://)")
     ap.add_argument("--kind", required=True, choices=["slime", "dense_connector"])
-    ap.add_argument("--preset", required=True, choices=sorted(set(PRESETS) - {"tiny"}))
-    ap.add_argument("--vision-path", required=True, help="the CLIP/SigLIP HF dir the checkpoint was trained with")
+    ap.add_argument("--preset", required=True, choices=sorted(PRESETS))
+    ap.add_argument("--vision-path", default=None,
+                    help="the CLIP/SigLIP HF dir the checkpoint was trained with (real presets need it)")
     ap.add_argument("--connector", default="mlp", choices=["mlp", "sti", "sci", "dci"])
     ap.add_argument("--out", required=True)
     args = ap.parse_args(argv)
     upstream = local_copy(args.upstream)
     cfg = preset(args.preset, vision_path=args.vision_path)
+    if args.preset != "tiny" and not args.vision_path:
+        ap.error(f"--vision-path is required for preset {args.preset}")
     cfg = replace(cfg, connector=replace(cfg.connector, kind=args.connector))
     if args.kind == "dense_connector":  # LLaVA-1.5 style: no attention expert, no local branch trained
         cfg = replace(cfg, global_branch=replace(cfg.global_branch, kind="mlp"))
