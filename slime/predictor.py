@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Generator
 from dataclasses import dataclass, field
 
 import torch
@@ -146,8 +146,9 @@ class Predictor:
                            completion_tokens=len(o.token_ids), visual_tokens=int(s["num_visual_tokens"]),
                            latency_s=latency) for o, s in zip(outs, samples)]
 
-    def stream(self, req: ChatRequest) -> Iterator[str]:
-        """Text deltas as they are generated; ``self.last_result`` holds the final result afterwards.
+    def stream(self, req: ChatRequest) -> Generator[str, None, ChatResult]:
+        """Text deltas as they are generated; the generator's return value is the final ChatResult
+        (``StopIteration.value``; also kept in ``last_result`` for single-threaded callers).
         Generation runs in a worker thread and hands deltas over a queue."""
         import queue
 
@@ -170,3 +171,4 @@ class Predictor:
         if "error" in box:
             raise box["error"]
         self.last_result = box["result"]
+        return box["result"]  # per-stream result: concurrent streams never read each other's usage

@@ -1,0 +1,52 @@
+"""`slime serve`: run the OpenAI-compatible Serve app on 127.0.0.1 and block until Ctrl-C.
+
+    python -m jobs.serve --config jobs/configs/serve_tiny.yaml --model /tmp/slime/tiny_model [max_batch_size=4]
+    python -m jobs.serve --model s3://bucket/models/v3 --address auto      # on a running cluster
+
+For `serve run` / `serve deploy` use cluster/serve_config.yaml (same builder, same arguments).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+from pipelines.serve import ServeArgs, build_app
+from slime.config import load_config
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="slime serve", description=__doc__.splitlines()[0])
+    parser.add_argument("--config", help="YAML file (see jobs/configs/serve_tiny.yaml)")
+    parser.add_argument("--model", help="checkpoint directory or s3:// URI (overrides the config's model)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--name", default="slime", help="Serve application name (same name = rolling update)")
+    parser.add_argument("--address", default=None, help="Ray cluster address; default: start an embedded Ray")
+    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. autoscaling.max_replicas=2")
+    args = parser.parse_args(argv)
+    overrides = list(args.overrides) + ([f"model={args.model}"] if args.model else [])
+    try:
+        cfg = load_config(ServeArgs, args.config, overrides)
+    except ValueError as e:
+        print(f"slime serve: config error: {e}", file=sys.stderr)
+        return 2
+
+    import ray
+    from ray import serve
+
+    ray.init(address=args.address, include_dashboard=False) if args.address else ray.init(include_dashboard=False)
+    serve.start(http_options={"host": args.host, "port": args.port})
+    serve.run(build_app(cfg), name=args.name, route_prefix="/", blocking=False)
+    print(f"serving {cfg.model} at http://{args.host}:{args.port}/v1 (Ctrl-C to stop)", flush=True)
+    try:
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        serve.delete(args.name)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

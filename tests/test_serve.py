@@ -1,0 +1,243 @@
+"""The Serve app over real HTTP with a real tiny checkpoint: the official openai client, SSE streaming,
+the bad-input matrix, autoscaling 1 -> 2 -> 1 under load and a model rollout with zero failed requests."""
+
+from __future__ import annotations
+
+import base64
+import io
+import socket
+import threading
+import time
+
+import pytest
+from PIL import Image
+
+pytestmark = pytest.mark.integration
+
+APP, DEPLOYMENT, KEY, MODEL_ID = "slime-test", "SlimeServer", "test-key", "slime-tiny"
+
+
+def png_url(w: int = 64, h: int = 48) -> str:
+    buf = io.BytesIO()
+    Image.new("RGB", (w, h), (20, 120, 200)).save(buf, format="PNG")
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+
+
+def chat(content, **extra) -> dict:
+    return {"model": MODEL_ID, "messages": [{"role": "user", "content": content}], "max_tokens": 8, **extra}
+
+
+def image_part(url: str) -> dict:
+    return {"type": "image_url", "image_url": {"url": url}}
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory):
+    from slime.presets import save_tiny_checkpoint
+
+    root = tmp_path_factory.mktemp("serve_models")
+    return str(save_tiny_checkpoint(root / "v1", seed=0)), str(save_tiny_checkpoint(root / "v2", seed=1))
+
+
+def serve_args(model: str) -> dict:
+    return dict(model=model, model_id=MODEL_ID, api_key=KEY, num_cpus=0.25, max_ongoing_requests=8,
+                max_batch_size=4, batch_wait_timeout_s=0.05, max_image_pixels=500_000, max_tokens=64,
+                autoscaling=dict(min_replicas=1, max_replicas=2, target_ongoing_requests=2, upscale_delay_s=1,
+                                 downscale_delay_s=3, look_back_period_s=2, metrics_interval_s=0.5))
+
+
+@pytest.fixture(scope="module")
+def server(ray_session, tiny_checkpoints):
+    from ray import serve
+
+    from pipelines.serve import build_app
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    serve.run(build_app(serve_args(tiny_checkpoints[0])), name=APP, route_prefix="/", blocking=False)
+    yield f"http://127.0.0.1:{port}"
+    serve.shutdown()
+
+
+@pytest.fixture(scope="module")
+def http(server):
+    import httpx
+
+    with httpx.Client(base_url=server, timeout=60, headers={"Authorization": f"Bearer {KEY}"}) as c:
+        yield c
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    import openai
+
+    return openai.OpenAI(base_url=f"{server}/v1", api_key=KEY, max_retries=0, timeout=60)
+
+
+def running_replicas() -> int:
+    from ray import serve
+
+    return serve.status().applications[APP].deployments[DEPLOYMENT].replica_states.get("RUNNING", 0)
+
+
+def wait_for(predicate, timeout_s: float, what: str) -> float:
+    start = time.monotonic()
+    while not predicate():
+        if time.monotonic() - start > timeout_s:
+            raise AssertionError(f"timed out after {timeout_s} s waiting for {what}")
+        time.sleep(0.25)
+    return time.monotonic() - start
+
+
+class Load:
+    """Client threads posting chat requests until stopped; records every status and fingerprint."""
+
+    def __init__(self, base_url: str, threads: int, max_tokens: int = 32) -> None:
+        import httpx
+
+        self.stop, self.lock = threading.Event(), threading.Lock()
+        self.statuses: list[int] = []
+        self.fingerprints: list[str] = []
+        self.errors: list[str] = []
+        body = chat([{"type": "text", "text": "describe"}, image_part(png_url())], max_tokens=max_tokens)
+
+        def run():
+            with httpx.Client(base_url=base_url, timeout=120, headers={"Authorization": f"Bearer {KEY}"}) as c:
+                while not self.stop.is_set():
+                    try:
+                        r = c.post("/v1/chat/completions", json=body)
+                        with self.lock:
+                            self.statuses.append(r.status_code)
+                            if r.status_code == 200:
+                                self.fingerprints.append(r.json()["system_fingerprint"])
+                            else:
+                                self.errors.append(r.text[:200])
+                    except Exception as e:  # a dropped connection is a failed request too
+                        with self.lock:
+                            self.statuses.append(-1)
+                            self.errors.append(repr(e))
+
+        self.threads = [threading.Thread(target=run, daemon=True) for _ in range(threads)]
+
+    def __enter__(self) -> Load:
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=120)
+
+
+def test_health_models_and_auth(http):
+    assert http.get("/healthz").status_code == 200
+    models = http.get("/v1/models").json()
+    assert [m["id"] for m in models["data"]] == [MODEL_ID]
+    for headers in ({"Authorization": ""}, {"Authorization": "Bearer wrong"}):
+        r = http.get("/v1/models", headers=headers)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+
+
+def test_completion_with_image_counts_visual_tokens(client, tiny_checkpoints):
+    from slime.predictor import Predictor
+    from slime.tiling import count_visual_tokens
+
+    cfg = Predictor.load(tiny_checkpoints[0]).cfg
+    content = [{"type": "text", "text": "What is in the image?"}, image_part(png_url(64, 48))]
+    out = client.chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": content}],
+                                         max_tokens=8, temperature=0.7, top_p=0.9, seed=1, stop=["zzz"])
+    assert out.choices and out.choices[0].message.role == "assistant" and out.choices[0].message.content
+    assert out.choices[0].finish_reason in ("stop", "length")
+    assert out.usage.visual_tokens == count_visual_tokens(64, 48, cfg).total_tokens
+    assert out.usage.total_tokens == out.usage.prompt_tokens + out.usage.completion_tokens
+    assert 1 <= out.usage.completion_tokens <= 8
+    # gamma keeps a fraction of the local tokens per request
+    half = client.chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": content}],
+                                          max_completion_tokens=4, extra_body={"gamma": 0.5})
+    assert half.usage.visual_tokens == count_visual_tokens(64, 48, cfg, gamma=0.5).total_tokens
+    assert half.usage.visual_tokens < out.usage.visual_tokens
+
+
+def test_streaming_chunks_then_done(client, http):
+    content = [{"type": "text", "text": "hello"}, image_part(png_url())]
+    chunks = list(client.chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": content}],
+                                                 max_tokens=8, stream=True, stream_options={"include_usage": True}))
+    assert all(c.object == "chat.completion.chunk" for c in chunks)
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text and sum(1 for c in chunks if c.choices and c.choices[0].delta.content) >= 2
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] in ("stop", "length")
+    assert chunks[-1].usage.visual_tokens > 0 and chunks[-1].usage.completion_tokens >= 1
+    raw = http.post("/v1/chat/completions", json=chat("hi", stream=True))
+    assert raw.status_code == 200 and raw.headers["content-type"].startswith("text/event-stream")
+    assert raw.text.rstrip().endswith("data: [DONE]")
+    assert '"error"' not in raw.text, raw.text
+
+
+BAD = [  # (name, body or raw bytes, extra headers, status, param, code)
+    ("malformed json", b'{"messages": [', {}, 400, None, "invalid_json"),
+    ("missing messages", {"model": MODEL_ID}, {}, 400, "messages", "missing_required_parameter"),
+    ("empty messages", {"messages": []}, {}, 400, "messages", "invalid_messages"),
+    ("unknown role", {"messages": [{"role": "wizard", "content": "x"}]}, {}, 400, "messages[0].role", "invalid_role"),
+    ("bad base64", chat([image_part("data:image/png;base64,!!!")]), {}, 400,
+     "messages[0].content[0].image_url.url", "invalid_base64"),
+    ("undecodable image", chat([image_part("data:image/png;base64," + base64.b64encode(b"nope" * 50).decode())]),
+     {}, 400, "messages[0].content[0].image_url.url", "invalid_image"),
+    ("image over pixel limit", chat([image_part(png_url(1000, 1000))]), {}, 413,
+     "messages[0].content[0].image_url.url", "image_too_large"),
+    ("too many images", chat([image_part(png_url()), image_part(png_url())]), {}, 400, "messages", "too_many_images"),
+    ("prompt too long", chat("word " * 2000), {}, 400, "messages", "context_length_exceeded"),
+    ("disallowed scheme", chat([image_part("https://example.com/cat.png")]), {}, 400,
+     "messages[0].content[0].image_url.url", "invalid_image_url"),
+    ("gamma type", chat("x", gamma="half"), {}, 400, "gamma", "invalid_value"),
+    ("gamma range", chat("x", gamma=0), {}, 400, "gamma", "invalid_value"),
+    ("temperature type", chat("x", temperature="warm"), {}, 400, "temperature", "invalid_value"),
+    ("n", chat("x", n=3), {}, 400, "n", "unsupported_value"),
+    ("unknown model", {**chat("x"), "model": "gpt-9"}, {}, 404, "model", "model_not_found"),
+    ("missing key", chat("x"), {"Authorization": ""}, 401, None, "invalid_api_key"),
+    ("wrong key", chat("x"), {"Authorization": "Bearer nope"}, 401, None, "invalid_api_key"),
+]
+
+
+def test_bad_input_matrix_then_good_request(http):
+    for name, body, headers, status, param, code in BAD:
+        kwargs = {"content": body, "headers": {"Content-Type": "application/json", **headers}} \
+            if isinstance(body, bytes) else {"json": body, "headers": headers}
+        r = http.post("/v1/chat/completions", **kwargs)
+        assert r.status_code == status, (name, r.status_code, r.text)
+        err = r.json()["error"]
+        assert set(err) == {"message", "type", "param", "code"} and err["message"], name
+        assert (err["type"], err["param"], err["code"]) == ("invalid_request_error", param, code), (name, err)
+    assert http.get("/v1/nope").json()["error"]["code"] == "404"
+    r = http.post("/v1/chat/completions", json=chat([{"type": "text", "text": "still fine?"}, image_part(png_url())]))
+    assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"]
+
+
+def test_autoscaling_up_under_load_and_back_down(server):
+    assert running_replicas() == 1
+    with Load(server, threads=8) as load:
+        up_s = wait_for(lambda: running_replicas() >= 2, 60, ">= 2 replicas under load")
+        while len(load.statuses) < 8:  # some requests completed on the scaled-up deployment
+            time.sleep(0.1)
+    down_s = wait_for(lambda: running_replicas() == 1, 60, "back to 1 replica after load stopped")
+    assert load.statuses and set(load.statuses) == {200}, load.errors[:3]
+    print(f"autoscaling: up after {up_s:.1f}s, down after {down_s:.1f}s, {len(load.statuses)} requests")
+
+
+def test_model_swap_under_load_has_no_failed_requests(server, tiny_checkpoints):
+    import httpx
+    from ray import serve
+
+    from pipelines.serve import build_app
+
+    old = {httpx.get(f"{server}/healthz").json()["fingerprint"]}
+    with Load(server, threads=3, max_tokens=8) as load:
+        wait_for(lambda: len(load.statuses) >= 3, 30, "traffic before the swap")
+        serve.run(build_app(serve_args(tiny_checkpoints[1])), name=APP, route_prefix="/", blocking=False)
+        seen = len(load.fingerprints)
+        wait_for(lambda: len(load.fingerprints) >= seen + 6, 30, "traffic after the swap")
+    assert set(load.statuses) == {200}, load.errors[:3]
+    assert old <= set(load.fingerprints) and len(set(load.fingerprints)) == 2, set(load.fingerprints)
+    assert load.fingerprints[-1] not in old  # traffic ends on the new checkpoint
