@@ -1,0 +1,174 @@
+"""Evaluation: batched greedy generation over held-out shards with the serving Predictor, in Ray Data.
+
+    shards (manifest / dir / tars, local or s3://) -> ShardReader (raw bytes) ->
+    map_batches(EvalPredictor, actor pool) -> rows {id, qtype, reference, prediction, ...} -> metrics.json
+
+A record's question is its conversation without the final gpt turn; the reference is that final turn.
+The actor decodes the image and calls ``slime.predictor.Predictor.generate`` -- the same object Ray
+Serve runs, so evaluation and serving cannot disagree on templates, tiling or decoding.
+
+Metrics: exact match (string equality after stripping whitespace) and normalised accuracy (lowercase,
+punctuation and the articles a/an/the removed, whitespace collapsed), overall and per ``qtype``;
+visual tokens per sample; latency (per generate batch and per sample) and throughput. ``accuracy`` is
+the normalised one (what the retraining scheduler compares).
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import string
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from pipelines import storage
+from pipelines.storage import StorageConfig
+
+_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+_ARTICLES = re.compile(r"\b(a|an|the)\b")
+_PUNCT = str.maketrans("", "", string.punctuation)
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalDataSection:
+    val: str  # manifest.json URI, packed dataset dir, or a tar (local or s3://)
+    only_versions: tuple[int, ...] | None = None
+    limit: int | None = None  # first N records only (smoke runs)
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalConfig:
+    model: str  # model directory, local or s3://
+    data: EvalDataSection
+    output: str | None = None  # metrics.json URI; default: metrics.json next to the model directory
+    predictions: bool = True  # also write predictions.jsonl beside metrics.json
+    max_tokens: int = 16
+    gamma: float | None = None  # local keep ratio at inference; None = the model's
+    prompt_suffix: str = ""  # e.g. "\nAnswer the question using a single word or phrase."
+    batch_size: int = 8
+    num_actors: int = 1
+    actor_num_cpus: float = 0.5
+    actor_num_gpus: float = 0.0
+    read_num_cpus: float = 0.25
+    device: str = "cpu"
+    dtype: str | None = None
+    preserve_order: bool = True
+    storage: StorageConfig = field(default_factory=StorageConfig)
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or self.num_actors < 1:
+            raise ValueError("batch_size and num_actors must be >= 1")
+
+
+def normalize_answer(text: str) -> str:
+    text = text.lower().translate(_PUNCT)
+    return " ".join(_ARTICLES.sub(" ", text).split())
+
+
+def split_record(record: dict) -> tuple[list[dict], str]:
+    """LLaVA record -> (chat messages up to the last user turn, reference answer = final gpt turn)."""
+    conv = record["conversations"]
+    if not conv or _ROLES.get(conv[-1]["from"]) != "assistant":
+        raise ValueError(f"record {record.get('id')!r} does not end with a gpt turn")
+    return [{"role": _ROLES[t["from"]], "content": t["value"]} for t in conv[:-1]], conv[-1]["value"]
+
+
+class EvalPredictor:
+    """Ray Data callable class: one Predictor per actor, loaded once."""
+
+    def __init__(self, *, model: str, max_tokens: int, gamma: float | None, prompt_suffix: str, device: str,
+                 dtype: str | None) -> None:
+        from slime.predictor import Predictor
+
+        self.predictor = Predictor.load(model, device=device, dtype=dtype)
+        self.max_tokens, self.gamma, self.suffix = max_tokens, gamma, prompt_suffix
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        from slime.errors import InputError
+        from slime.predictor import ChatRequest
+
+        rows, reqs, errors = [], [], []
+        for image, meta in zip(batch["image"], batch["json"]):
+            record = json.loads(meta)
+            row = {"id": str(record.get("id", "")), "qtype": str(record.get("qtype", "all")),
+                   "task": str(record.get("task", "")), "reference": "", "prediction": "", "error": "",
+                   "visual_tokens": 0, "prompt_tokens": 0, "completion_tokens": 0, "latency_s": 0.0}
+            try:
+                messages, row["reference"] = split_record(record)
+                if self.suffix:
+                    messages[-1] = {**messages[-1], "content": messages[-1]["content"] + self.suffix}
+                images = [self.predictor.processor.decode_image(image)] if image is not None else []
+                req = ChatRequest(messages=messages, images=images, max_tokens=self.max_tokens, temperature=0.0,
+                                  gamma=self.gamma)
+                self.predictor.encode(req)  # validate alone: one bad record must not sink the batch
+                reqs.append(req)
+            except (InputError, ValueError, KeyError) as e:
+                row["error"] = f"{type(e).__name__}: {e}"
+                reqs.append(None)
+            rows.append(row)
+        good = [i for i, r in enumerate(reqs) if r is not None]
+        if good:
+            for i, res in zip(good, self.predictor.generate([reqs[i] for i in good])):
+                rows[i].update(prediction=res.text.strip(), visual_tokens=res.visual_tokens,
+                               prompt_tokens=res.prompt_tokens, completion_tokens=res.completion_tokens,
+                               latency_s=res.latency_s / len(good))
+        for row in rows:
+            ok = not row["error"]
+            row["exact"] = ok and row["prediction"].strip() == row["reference"].strip()
+            row["correct"] = ok and normalize_answer(row["prediction"]) == normalize_answer(row["reference"])
+        return {k: np.asarray([r[k] for r in rows]) for k in rows[0]} if rows else {}
+
+
+def summarize(rows: list[dict]) -> dict:
+    def block(rs: list[dict]) -> dict:
+        n = len(rs)
+        return {"num_samples": n, "exact_match": sum(bool(r["exact"]) for r in rs) / n if n else 0.0,
+                "accuracy": sum(bool(r["correct"]) for r in rs) / n if n else 0.0}
+
+    scored = [r for r in rows if not r["error"]]
+    per_qtype = {q: block([r for r in scored if r["qtype"] == q]) for q in sorted({r["qtype"] for r in scored})}
+    latencies = [float(r["latency_s"]) for r in scored]
+    return {**block(scored), "errors": len(rows) - len(scored), "per_qtype": per_qtype,
+            "visual_tokens_per_sample": float(np.mean([int(r["visual_tokens"]) for r in scored])) if scored else 0.0,
+            "latency_s_per_sample": {"mean": float(np.mean(latencies)) if latencies else 0.0,
+                                     "p50": float(np.percentile(latencies, 50)) if latencies else 0.0,
+                                     "p95": float(np.percentile(latencies, 95)) if latencies else 0.0}}
+
+
+def evaluate(cfg: EvalConfig) -> dict:
+    """Run the evaluation; write metrics.json (+ predictions.jsonl) and return the metrics."""
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    from pipelines.data import DataConfig, _read_target, list_shards
+    from pipelines.preprocess import ShardReader, metrics_actor
+
+    start = time.perf_counter()
+    shards = list_shards(DataConfig(shards=cfg.data.val, model=cfg.model, only_versions=cfg.data.only_versions,
+                                    storage=cfg.storage))
+    paths, fs = _read_target(shards, cfg.storage)
+    metrics_actor("DataMetrics-eval")
+    ds = ray.data.read_datasource(ShardReader(paths, filesystem=fs, metrics_name="DataMetrics-eval"),
+                                  num_cpus=cfg.read_num_cpus)
+    if cfg.data.limit:
+        ds = ds.limit(cfg.data.limit)
+    ds = ds.map_batches(EvalPredictor, fn_constructor_kwargs=dict(
+        model=cfg.model, max_tokens=cfg.max_tokens, gamma=cfg.gamma, prompt_suffix=cfg.prompt_suffix,
+        device=cfg.device, dtype=cfg.dtype), compute=ActorPoolStrategy(size=cfg.num_actors),
+        batch_size=cfg.batch_size, num_cpus=cfg.actor_num_cpus, num_gpus=cfg.actor_num_gpus, batch_format="numpy")
+    ds.context.execution_options.preserve_order = cfg.preserve_order
+    rows = [{k: v.item() if hasattr(v, "item") else v for k, v in r.items()} for r in ds.take_all()]
+    wall = time.perf_counter() - start
+    metrics = {"model": cfg.model, "data": cfg.data.val, **summarize(rows), "wall_s": wall,
+               "samples_per_s": len(rows) / wall if wall else 0.0}
+    model_parent = cfg.model.rstrip("/").rsplit("/", 1)[0] if "/" in cfg.model.rstrip("/") else "."
+    output = cfg.output or storage.join(model_parent, "metrics.json")
+    storage.write_bytes_atomic(output, json.dumps(metrics, indent=1).encode(), cfg.storage)
+    if cfg.predictions:
+        lines = "".join(json.dumps(r) + "\n" for r in rows)
+        out_dir = output.rsplit("/", 1)[0] if "/" in output else "."
+        storage.write_bytes_atomic(storage.join(out_dir, "predictions.jsonl"), lines.encode(), cfg.storage)
+    metrics["output"] = output
+    return metrics

@@ -1,0 +1,306 @@
+"""Training on Ray Train v2: one TorchTrainer run executes every phase of the schedule (MODEL_SPEC A5).
+
+Why one run and not one trainer per phase: one worker group, one process group and one checkpoint
+lineage. ``train_state.json`` says which phase and step a checkpoint belongs to, so a worker failure
+or a re-run of the same ``name`` resumes mid-schedule with no driver-side bookkeeping, and phase N+1
+starts from phase N's weights in memory (no reload from storage between phases). Each phase has its
+own dataset (``datasets={phase_name: ds}``, read with ``get_dataset_shard(phase_name)``): phases feed
+different visual tokens (global / local / both), so their samples differ.
+
+The loop, top to bottom: restore -> for each phase: set_trainable -> engine -> [batch -> loss ->
+backward -> step -> schedule -> log -> checkpoint] -> phase-end checkpoint. Steps are counted here, not
+by the data: a phase's dataset is re-iterated until the phase has its configured number of optimizer
+steps. After a restore the dataset restarts from the beginning of an epoch; ``resume_data: skip``
+discards the micro-batches the checkpoint had already consumed in that epoch (exact continuation when
+the order is deterministic), ``continue`` just trains on from the epoch start.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+
+import torch
+import yaml
+
+from pipelines import storage
+from pipelines.train_config import PhaseConfig, TrainConfig, expand_phases
+from pipelines.train_state import Position, RunLog, export_model, read_position, seed_everything, \
+    write_checkpoint_files
+from slime.config import from_dict, merge, replace, to_dict
+
+CHECKPOINT_KEYS = ("phase", "phase_index", "step", "global_step", "loss", "phase_done")
+
+
+# ----------------------------------------------------------------------------- driver side
+
+
+def phase_data_config(cfg: TrainConfig, phase: PhaseConfig, model_dir: str):
+    """The run's ``data`` section + the phase's overrides -> pipelines.data.DataConfig. The phase decides
+    mode and gamma (the processor expands ``<image>`` to what the model will produce in that phase)."""
+    from pipelines.data import DataConfig
+
+    d = merge(dict(cfg.data), dict(phase.data))
+    manifest = d.pop("manifest", None)
+    d.setdefault("shards", manifest)
+    if d["shards"] is None:
+        raise ValueError(f"phase {phase.name!r} has no data: set data.manifest (or data.shards)")
+    d.update(model=model_dir, mode=phase.mode, gamma=phase.gamma)
+    d.setdefault("preserve_order", cfg.deterministic)
+    d.setdefault("seed", cfg.seed)
+    d.setdefault("metrics_name", f"DataMetrics-{cfg.name}")
+    return from_dict(DataConfig, d)
+
+
+def phase_steps(cfg: TrainConfig, phase: PhaseConfig, dcfg) -> int:
+    if phase.steps is not None:
+        return phase.steps
+    from pipelines.data import list_shards
+    from pipelines.pack import read_manifest
+
+    uris = list_shards(dcfg)
+    root = uris[0].rsplit("/", 1)[0]
+    samples = {storage.join(root, s["name"]): s["samples"] for s in read_manifest(root, dcfg.storage)["shards"]}
+    if any(u not in samples for u in uris):
+        raise ValueError(f"phase {phase.name!r} uses epochs but its shards are not all in {root}/manifest.json; "
+                         f"give steps instead")
+    per_step = cfg.scaling.num_workers * cfg.optim.micro_batch_size * cfg.optim.grad_accum
+    return max(1, math.floor(phase.epochs * sum(samples[u] for u in uris) / per_step))
+
+
+def ensure_init_model(cfg: TrainConfig) -> str:
+    """``init_from``, or (tiny preset) a model built from ``seed`` and saved once under the run dir."""
+    if cfg.init_from:
+        return cfg.init_from
+    from slime.presets import save_tiny_checkpoint
+
+    uri = storage.join(cfg.storage_path, cfg.name, "init_model")
+    if not storage.exists(storage.join(uri, "slime_config.yaml")):
+        with tempfile.TemporaryDirectory() as d:
+            save_tiny_checkpoint(os.path.join(d, "m"), seed=cfg.seed)
+            export_model(os.path.join(d, "m"), uri)
+    return uri
+
+
+def run_config(cfg: TrainConfig):
+    import ray.train
+
+    path, fs = cfg.storage_path, None
+    if storage.is_s3(path):
+        from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+        s3, path = storage.filesystem(cfg.storage_path)
+        fs = PyFileSystem(FSSpecHandler(s3))
+    return ray.train.RunConfig(
+        name=cfg.name, storage_path=path, storage_filesystem=fs,
+        failure_config=ray.train.FailureConfig(max_failures=cfg.checkpoint.max_failures),
+        checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep))
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run (or resume) the whole schedule; export the final model to ``cfg.export_dir``."""
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from pipelines.data import build_dataset, ingest_options
+
+    if isinstance(cfg.engine.deepspeed, str):  # resolved here: workers may not see the driver's files
+        with open(cfg.engine.deepspeed) as f:
+            cfg = replace(cfg, engine=replace(cfg.engine, deepspeed=yaml.safe_load(f)))
+    init_dir = ensure_init_model(cfg)
+    phases = expand_phases(cfg)
+    dcfgs = {p.name: phase_data_config(cfg, p, init_dir) for p in phases}
+    plan = [phase_steps(cfg, p, dcfgs[p.name]) for p in phases]
+    scaling = cfg.scaling
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config={"train": to_dict(cfg), "init_dir": init_dir, "plan": plan,
+                           "data": {n: to_dict(d) for n, d in dcfgs.items()}},
+        torch_config=TorchConfig(backend=cfg.engine.backend or ("nccl" if scaling.use_gpu else "gloo")),
+        scaling_config=ray.train.ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
+                                               resources_per_worker=dict(scaling.resources_per_worker),
+                                               placement_strategy=scaling.placement_strategy),
+        run_config=run_config(cfg),
+        datasets={name: build_dataset(d) for name, d in dcfgs.items()},
+        dataset_config=ray.train.DataConfig(
+            execution_options={n: ingest_options(d) for n, d in dcfgs.items()}))
+    result = trainer.fit()
+    checkpoint_uri = result.checkpoint.path
+    if storage.is_s3(cfg.storage_path):
+        checkpoint_uri = "s3://" + checkpoint_uri.lstrip("/")
+    if cfg.export_dir:
+        export_model(storage.join(checkpoint_uri, "model"), cfg.export_dir)
+    return {"name": cfg.name, "checkpoint": checkpoint_uri, "export_dir": cfg.export_dir, "phase_steps": plan,
+            "phases": [p.name for p in phases], "metrics": result.metrics}
+
+
+# ----------------------------------------------------------------------------- worker side
+
+
+class Batches:
+    """Endless micro-batches from one phase's dataset shard; a new data epoch starts when one ends."""
+
+    def __init__(self, shard, kwargs: dict, epoch: int = 0, skip: int = 0) -> None:
+        self.shard, self.kwargs, self.epoch, self.batch_in_epoch = shard, kwargs, epoch, 0
+        self.skip, self.it = skip, None
+
+    def next(self) -> dict[str, torch.Tensor]:
+        while True:
+            if self.it is None:
+                self.it = iter(self.shard.iter_torch_batches(**self.kwargs))
+                for _ in range(self.skip):  # resume_data=skip: what the checkpoint had consumed
+                    next(self.it)
+                    self.batch_in_epoch += 1
+                self.skip = 0
+            try:
+                batch = next(self.it)
+            except StopIteration:
+                if self.batch_in_epoch == 0:
+                    raise RuntimeError("the phase's dataset shard yielded no batch (too few rows for the "
+                                       "workers x micro_batch_size, or every sample was dropped)") from None
+                self.epoch, self.batch_in_epoch, self.it = self.epoch + 1, 0, None
+                continue
+            self.batch_in_epoch += 1
+            batch.pop("sample_hash", None)  # identifies samples; not a model input
+            return batch
+
+
+def _reduce(values: list[float]) -> list[float]:
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(t)
+    return t.tolist()
+
+
+def _maybe_fail(cfg: TrainConfig, global_step: int, rank: int) -> None:
+    f = cfg.fault
+    if f.global_step != global_step or f.rank != rank or not f.marker or os.path.exists(f.marker):
+        return
+    open(f.marker, "w").write(f"failed at global step {global_step}\n")
+    print(f"[fault] rank {rank} dies at global step {global_step}", flush=True)
+    if f.kind == "exit":
+        os._exit(1)
+    raise RuntimeError(f"injected failure at global step {global_step}")
+
+
+def _rebuild(model, tokenizer, state: dict):
+    """A fresh model holding ``state`` (the next phase gets new DDP/DeepSpeed wrappers on new modules)."""
+    from slime.model import build_model
+
+    llm_conf = model.llm.config.to_dict()
+    for key in ("architectures", "transformers_version", "_name_or_path"):
+        llm_conf.pop(key, None)
+    fresh = build_model(model.cfg, tokenizer, llm_hf_config=llm_conf,
+                        vision_hf_config=model.vision.encoder.config.to_dict())
+    fresh.load_state_dict(state)
+    return fresh
+
+
+def train_loop_per_worker(config: dict) -> None:
+    import ray.train
+    from ray.train import Checkpoint, CheckpointConsistencyMode
+
+    from pipelines.data import DataConfig, torch_batch_kwargs
+    from pipelines.parallel import build_engine
+    from slime.checkpoint import load_pretrained
+    from slime.model import set_trainable
+
+    cfg: TrainConfig = from_dict(TrainConfig, config["train"])
+    plan: list[int] = config["plan"]
+    phases = expand_phases(cfg)
+    ctx = ray.train.get_context()
+    rank = ctx.get_world_rank()
+    device = ray.train.torch.get_device() if cfg.scaling.use_gpu else torch.device("cpu")
+    local_logs = cfg.logging.local_dir or (os.path.join(cfg.storage_path, cfg.name, "logs")
+                                           if not storage.is_s3(cfg.storage_path)
+                                           else os.path.join(tempfile.gettempdir(), "slime-runs", cfg.name, "logs"))
+    remote_logs = storage.join(cfg.storage_path, cfg.name, "logs") if storage.is_s3(cfg.storage_path) else None
+    log = RunLog(local_logs, remote_logs, enabled=rank == 0, tensorboard=cfg.logging.tensorboard,
+                 every_steps=cfg.logging.every_steps)
+
+    seed_everything(cfg.seed + rank)
+    pos, restored = Position(), ray.train.get_checkpoint()
+    with restored.as_directory() if restored else tempfile.TemporaryDirectory() as ckpt_dir:
+        if restored:
+            pos = read_position(ckpt_dir, rank)
+            log.event("resume", phase_index=pos.phase_index, step=pos.step, phase_done=pos.phase_done,
+                      global_step=pos.global_step, checkpoint=restored.path)
+            if pos.phase_done:
+                pos = Position(phase_index=pos.phase_index + 1, checkpoint_dir=ckpt_dir)
+        model, tokenizer = load_pretrained(os.path.join(ckpt_dir, "model") if restored else config["init_dir"])
+        def phase_batches(i: int, skip: int = 0, epoch: int = 0) -> Batches:
+            dcfg = from_dict(DataConfig, config["data"][phases[i].name])
+            return Batches(ray.train.get_dataset_shard(phases[i].name),
+                           torch_batch_kwargs(dcfg, cfg.optim.micro_batch_size, drop_last=True), epoch, skip)
+
+        engine = None
+        for index in range(pos.phase_index, len(phases)):
+            phase, total = phases[index], plan[index]
+            resuming = index == pos.phase_index and pos.step > 0
+            if not resuming:  # mid-phase resumes restored their RNG states instead
+                seed_everything(cfg.seed + 1000 * index + rank)  # each phase reproducible on its own
+            trainable = set_trainable(model, phase.trainable)
+            if model.global_adapter is not None:
+                model.global_adapter.gate_noise = phase.router_noise
+            model.train()
+            engine = build_engine(model, optim=cfg.optim, engine=cfg.engine, phase=phase, total_steps=total,
+                                  device=device)
+            if resuming:
+                engine.load(ckpt_dir)
+            step = pos.step if resuming else 0
+            batches = phase_batches(index, skip=pos.batch_in_epoch if resuming and cfg.resume_data == "skip" else 0,
+                                    epoch=pos.data_epoch if resuming else 0)
+            log.event("phase_start", phase=phase.name, phase_index=index, steps=total, start_step=step,
+                      trainable_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad),
+                      trainable_tensors=len(trainable))
+            while step < total:
+                start = time.perf_counter()
+                sums = [0.0] * 6  # loss, micro-batches, samples, tokens, visual tokens, kept fraction
+                for micro in range(cfg.optim.grad_accum):
+                    batch = batches.next()
+                    out = engine.micro_step(batch, phase, last=micro == cfg.optim.grad_accum - 1)
+                    sums = [a + b for a, b in zip(sums, (float(out.loss), 1, len(batch["input_ids"]),
+                                                         float(batch["attention_mask"].sum()),
+                                                         float(batch["num_visual_tokens"].sum()),
+                                                         out.kept_local_fraction))]
+                lr = engine.lr  # the rate this step used (the scheduler moves on in optimizer_step)
+                grad_norm = engine.optimizer_step()
+                step += 1
+                global_step = sum(plan[:index]) + step
+                loss, micros, samples, tokens, visual, kept = _reduce(sums)
+                elapsed = time.perf_counter() - start
+                metrics = {"phase": phase.name, "phase_index": index, "step": step, "phase_steps": total,
+                           "global_step": global_step, "loss": loss / micros, "lr": lr,
+                           "grad_norm": grad_norm, "samples_per_s": samples / elapsed,
+                           "tokens_per_s": tokens / elapsed, "visual_tokens_per_sample": visual / samples,
+                           "kept_local_fraction": kept / micros, "data_epoch": batches.epoch, "step_time_s": elapsed}
+                log.step(metrics)
+                _maybe_fail(cfg, global_step, rank)
+                done = step == total
+                if done or step % cfg.checkpoint.every_steps == 0:
+                    if done:  # the next phase trains a fresh model holding these weights
+                        model = _rebuild(engine.module, tokenizer, engine.full_state_dict())
+                    state = {"phase_index": index, "phase": phase.name, "step": step, "phase_steps": total,
+                             "global_step": global_step, "data_epoch": batches.epoch,
+                             "batch_in_epoch": batches.batch_in_epoch, "phase_done": done}
+                    with tempfile.TemporaryDirectory() as out_dir:
+                        write_checkpoint_files(out_dir, rank=rank, state=state, tokenizer=tokenizer,
+                                               model=model if done else engine.module,
+                                               engine=None if done else engine,
+                                               metadata={"run": cfg.name, "phase": phase.name,
+                                                         "global_step": global_step, "trainable": list(trainable)})
+                        name = f"checkpoint-p{index:02d}-s{step:07d}"
+                        ray.train.report({k: metrics[k] for k in CHECKPOINT_KEYS if k in metrics} |
+                                         {"phase_done": done}, checkpoint=Checkpoint.from_directory(out_dir),
+                                         checkpoint_dir_name=name)
+                    if cfg.checkpoint.wait_committed:  # pitfall 11: a crash right after report() loses it
+                        ray.train.get_all_reported_checkpoints(consistency_mode=CheckpointConsistencyMode.COMMITTED)
+                    log.sync()
+            engine = None
+            log.event("phase_end", phase=phase.name, phase_index=index, steps=total)
+        log.close()
+

@@ -1,0 +1,193 @@
+"""What a training run leaves behind: checkpoints, the metrics log, the exported model.
+
+Checkpoint directory (one per ``ray.train.report``; the per-rank files are merged by Ray Train)::
+
+    train_state.json   phase_index, phase, step (optimizer steps done in that phase), phase_steps,
+                       global_step, data_epoch, batch_in_epoch, phase_done
+    model/             a self-describing model directory (slime.checkpoint.save_pretrained): full weights,
+                       so every checkpoint (and every phase end) can be served or evaluated as it is
+    optim.pt           DDP: optimizer + scheduler state (mid-phase checkpoints only)
+    deepspeed/         DeepSpeed: engine.save_checkpoint shards of every rank (mid-phase only)
+    rng-rank{r}.pt     torch / numpy / python RNG states of rank r
+
+A phase-end checkpoint has no optimizer state: the next phase starts a new optimizer on other parameters.
+
+The metrics log is written by rank 0 to a local directory (metrics.jsonl + TensorBoard events) and
+copied to ``<storage_path>/<name>/logs`` at every checkpoint when the storage is remote.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import tempfile
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from pipelines import storage
+
+
+@dataclass
+class Position:
+    phase_index: int = 0
+    step: int = 0
+    data_epoch: int = 0
+    batch_in_epoch: int = 0
+    phase_done: bool = False
+    global_step: int = 0
+    checkpoint_dir: str | None = None  # local directory of the restored checkpoint
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % (1 << 32))
+    torch.manual_seed(seed)
+
+
+def rng_state() -> dict:
+    # Only tensors and plain lists: loadable with torch.load(weights_only=True).
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    state = {"torch": torch.get_rng_state(), "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss,
+                                                       gauss], "python": list(random.getstate())}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict) -> None:
+    torch.set_rng_state(state["torch"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def read_position(directory: str, rank: int) -> Position:
+    """Position of a restored checkpoint; restores this rank's RNG states when they were saved."""
+    state = json.loads(open(os.path.join(directory, "train_state.json")).read())
+    rng = os.path.join(directory, f"rng-rank{rank}.pt")
+    if os.path.exists(rng):
+        set_rng_state(torch.load(rng, weights_only=True))
+    return Position(phase_index=state["phase_index"], step=state["step"], data_epoch=state["data_epoch"],
+                    batch_in_epoch=state["batch_in_epoch"], phase_done=state["phase_done"],
+                    global_step=state["global_step"], checkpoint_dir=directory)
+
+
+def write_checkpoint_files(directory: str, *, rank: int, state: dict, model, tokenizer, engine, metadata: dict) -> None:
+    """Fill ``directory`` with this rank's part of a checkpoint. ``engine`` None = phase end (weights only).
+    Every rank calls it: ZeRO-3 gathers weights collectively and DeepSpeed saves shards on every rank."""
+    from slime.checkpoint import save_pretrained
+
+    with engine.gathered() if engine is not None else _null():
+        if rank == 0:
+            save_pretrained(model, tokenizer, os.path.join(directory, "model"), metadata=metadata)
+    if engine is not None:
+        engine.save(directory, rank)
+    if rank == 0:
+        with open(os.path.join(directory, "train_state.json"), "w") as f:
+            json.dump(state, f, indent=1)
+    torch.save(rng_state(), os.path.join(directory, f"rng-rank{rank}.pt"))
+
+
+class _null:
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return False
+
+
+class RunLog:
+    """Rank 0's metrics: metrics.jsonl, TensorBoard events and a readable progress line."""
+
+    def __init__(self, local_dir: str, remote_dir: str | None, *, enabled: bool, tensorboard: bool,
+                 every_steps: int) -> None:
+        self.enabled, self.local_dir, self.remote_dir, self.every = enabled, local_dir, remote_dir, every_steps
+        self.writer = None
+        if not enabled:
+            return
+        os.makedirs(local_dir, exist_ok=True)
+        path = os.path.join(local_dir, "metrics.jsonl")
+        if remote_dir and not os.path.exists(path) and storage.exists(storage.join(remote_dir, "metrics.jsonl")):
+            # A restart on another node: continue the log the earlier attempts wrote.
+            with open(path, "wb") as f:
+                f.write(storage.read_bytes(storage.join(remote_dir, "metrics.jsonl")))
+        self.file = open(path, "a", buffering=1)
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(os.path.join(local_dir, "tensorboard"))
+
+    def event(self, name: str, **fields) -> None:
+        if self.enabled:
+            self.file.write(json.dumps({"event": name, "time": time.time(), **fields}) + "\n")
+            print(f"[train] {name}: {json.dumps(fields)}", flush=True)
+
+    def step(self, m: dict) -> None:
+        if not self.enabled:
+            return
+        self.file.write(json.dumps({"time": time.time(), **m}) + "\n")
+        if self.writer is not None:
+            for key, value in m.items():
+                if isinstance(value, (int, float)) and key not in ("step", "global_step", "phase_index"):
+                    self.writer.add_scalar(f"train/{key}", value, m["global_step"])
+        if m["step"] % self.every == 0 or m["step"] == m["phase_steps"]:
+            print(f"[phase {m['phase']}] step {m['step']}/{m['phase_steps']} loss {m['loss']:.4f} lr {m['lr']:.2e} "
+                  f"{m['samples_per_s']:.1f} samples/s {m['tokens_per_s']:.0f} tok/s "
+                  f"visual {m['visual_tokens_per_sample']:.0f}/sample kept {m['kept_local_fraction']:.2f} "
+                  f"grad {m['grad_norm']:.3f}", flush=True)
+
+    def sync(self) -> None:
+        if not self.enabled:
+            return
+        self.file.flush()
+        if self.writer is not None:
+            self.writer.flush()
+        if self.remote_dir:
+            storage.copy_dir(self.local_dir, self.remote_dir)
+
+    def close(self) -> None:
+        self.sync()
+        if self.enabled:
+            self.file.close()
+            if self.writer is not None:
+                self.writer.close()
+
+
+def export_model(src_uri: str, export_dir: str) -> None:
+    """Publish a model directory atomically. Local: copy to a sibling temp dir, then rename over the old
+    one. S3 (no rename): delete the old prefix, upload every file with slime_config.yaml (the file
+    load_pretrained looks for first) last, then an ``EXPORT_COMPLETE`` marker: a half-uploaded export
+    is never recognised as a model directory."""
+    import shutil
+
+    if not storage.is_s3(export_dir):
+        dst = os.path.abspath(export_dir)
+        tmp = f"{dst}.tmp{os.getpid()}"
+        if os.path.exists(tmp):
+            shutil.rmtree(tmp)
+        storage.copy_dir(src_uri, tmp)
+        if os.path.exists(dst):
+            shutil.rmtree(dst)
+        os.rename(tmp, dst)
+        with open(os.path.join(dst, "EXPORT_COMPLETE"), "w") as f:
+            f.write(json.dumps({"source": src_uri, "time": time.time()}))
+        return
+    fs, path = storage.filesystem(export_dir)
+    if fs.exists(path):
+        fs.rm(path, recursive=True)
+    with tempfile.TemporaryDirectory() as local:
+        storage.copy_dir(src_uri, local)
+        last = os.path.join(local, "slime_config.yaml")
+        held = open(last, "rb").read()
+        os.unlink(last)
+        storage.copy_dir(local, export_dir)
+    storage.write_bytes_atomic(storage.join(export_dir, "slime_config.yaml"), held)
+    storage.write_bytes_atomic(storage.join(export_dir, "EXPORT_COMPLETE"),
+                               json.dumps({"source": src_uri, "time": time.time()}).encode())

@@ -1,0 +1,77 @@
+"""Evaluation: answer normalisation and aggregation (no Ray), then a real Ray Data run on a fixture whose
+answers are known: pass 1 records what the model generates greedily; pass 2 runs on shards whose
+reference equals that output for every other record and is wrong for the rest -> accuracy 0.5 exactly."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from pipelines.evaluate import normalize_answer, split_record, summarize
+
+
+def test_normalize_answer():
+    assert normalize_answer("  The Red circle. ") == "red circle"
+    assert normalize_answer("An A-7!") == "a7"
+    assert normalize_answer("a") == ""
+
+
+def test_split_record_and_summarize():
+    rec = {"id": "x", "conversations": [{"from": "human", "value": "<image>\nQ?"}, {"from": "gpt", "value": "A"},
+                                        {"from": "human", "value": "Q2?"}, {"from": "gpt", "value": "B"}]}
+    messages, ref = split_record(rec)
+    assert ref == "B" and [m["role"] for m in messages] == ["user", "assistant", "user"]
+    with pytest.raises(ValueError, match="gpt turn"):
+        split_record({"id": "y", "conversations": [{"from": "human", "value": "Q"}]})
+    base = {"visual_tokens": 10, "latency_s": 0.1, "error": ""}
+    rows = [{**base, "qtype": "detail", "exact": True, "correct": True},
+            {**base, "qtype": "detail", "exact": False, "correct": True},
+            {**base, "qtype": "global", "exact": False, "correct": False},
+            {**base, "qtype": "global", "exact": False, "correct": False, "error": "InputError: bad"}]
+    m = summarize(rows)
+    assert m["num_samples"] == 3 and m["errors"] == 1
+    assert m["accuracy"] == pytest.approx(2 / 3) and m["exact_match"] == pytest.approx(1 / 3)
+    assert m["per_qtype"]["detail"] == {"num_samples": 2, "exact_match": 0.5, "accuracy": 1.0}
+
+
+@pytest.mark.integration
+def test_evaluate_known_answers(ray_session, tmp_path):
+    from jobs.evaluate import main
+    from pipelines.pack import PackConfig, pack
+    from pipelines.synth import SynthConfig, generate
+    from slime.presets import save_tiny_checkpoint
+
+    model = save_tiny_checkpoint(tmp_path / "models" / "tiny")
+    raw = tmp_path / "raw"
+    generate(SynthConfig(output_dir=str(raw), num_images=4, min_side=448, max_side=640, val_fraction=0.0,
+                         progress=False))
+    pack(PackConfig(inputs=(str(raw / "train.json"),), output_dir=str(tmp_path / "wds" / "v1"), progress=False))
+    first = tmp_path / "pass1" / "metrics.json"
+    assert main(["--config", "jobs/configs/eval_tiny.yaml", f"model={model}", f"data.val={tmp_path}/wds/v1",
+                 f"output={first}", "batch_size=4", "max_tokens=6"]) == 0
+    predicted = {json.loads(line)["id"]: json.loads(line)["prediction"]
+                 for line in (first.parent / "predictions.jsonl").read_text().splitlines()}
+
+    records = json.loads((raw / "train.json").read_text())
+    assert set(predicted) == {r["id"] for r in records} and all(predicted.values())
+    for i, r in enumerate(records):  # same prompts, same images, same order: only the references change
+        r["conversations"][-1]["value"] = predicted[r["id"]] if i % 2 == 0 else "zq wrong answer"
+    (raw / "known.json").write_text(json.dumps(records))
+    pack(PackConfig(inputs=(str(raw / "known.json"),), output_dir=str(tmp_path / "wds" / "known"), progress=False))
+
+    # Default output: metrics.json next to the model directory.
+    assert main(["--config", "jobs/configs/eval_tiny.yaml", f"model={model}", f"data.val={tmp_path}/wds/known",
+                 "batch_size=4", "max_tokens=6"]) == 0
+    metrics = json.loads(Path(model.parent / "metrics.json").read_text())
+    assert metrics["num_samples"] == len(records) and metrics["errors"] == 0
+    assert metrics["accuracy"] == 0.5 and metrics["exact_match"] == 0.5
+    expected = {}
+    for i, r in enumerate(records):
+        n, ok = expected.get(r["qtype"], (0, 0))
+        expected[r["qtype"]] = (n + 1, ok + (i % 2 == 0))
+    assert {q: (v["num_samples"], round(v["accuracy"] * v["num_samples"])) for q, v in
+            metrics["per_qtype"].items()} == expected
+    assert metrics["visual_tokens_per_sample"] > 16  # global view + separator + local tokens
+    assert metrics["latency_s_per_sample"]["mean"] > 0
