@@ -25,6 +25,7 @@ import numpy as np
 
 from pipelines import storage
 from pipelines.storage import StorageConfig
+from slime.config import VisualMode
 
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 _ARTICLES = re.compile(r"\b(a|an|the)\b")
@@ -46,6 +47,7 @@ class EvalConfig:
     predictions: bool = True  # also write predictions.jsonl beside metrics.json
     max_tokens: int = 16
     gamma: float | None = None  # local keep ratio at inference; None = the model's
+    mode: VisualMode = "both"  # visual tokens fed at inference (global-only models: "global")
     prompt_suffix: str = ""  # e.g. "\nAnswer the question using a single word or phrase."
     batch_size: int = 8
     num_actors: int = 1
@@ -79,10 +81,10 @@ class EvalPredictor:
     """Ray Data callable class: one Predictor per actor, loaded once."""
 
     def __init__(self, *, model: str, max_tokens: int, gamma: float | None, prompt_suffix: str, device: str,
-                 dtype: str | None) -> None:
+                 dtype: str | None, mode: str = "both") -> None:
         from slime.predictor import Predictor
 
-        self.predictor = Predictor.load(model, device=device, dtype=dtype)
+        self.predictor = Predictor.load(model, device=device, dtype=dtype, mode=mode)
         self.max_tokens, self.gamma, self.suffix = max_tokens, gamma, prompt_suffix
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -155,7 +157,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     if cfg.data.limit:
         ds = ds.limit(cfg.data.limit)
     ds = ds.map_batches(EvalPredictor, fn_constructor_kwargs=dict(
-        model=cfg.model, max_tokens=cfg.max_tokens, gamma=cfg.gamma, prompt_suffix=cfg.prompt_suffix,
+        model=cfg.model, max_tokens=cfg.max_tokens, gamma=cfg.gamma, mode=cfg.mode, prompt_suffix=cfg.prompt_suffix,
         device=cfg.device, dtype=cfg.dtype), compute=ActorPoolStrategy(size=cfg.num_actors),
         batch_size=cfg.batch_size, num_cpus=cfg.actor_num_cpus, num_gpus=cfg.actor_num_gpus, batch_format="numpy")
     ds.context.execution_options.preserve_order = cfg.preserve_order

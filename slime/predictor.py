@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 import torch
 from PIL import Image
 
+from slime.config import VisualMode
 from slime.errors import ImageError, InputError
 from slime.generate import GenerationParams, generate
 from slime.processing import SlimeProcessor
@@ -54,8 +55,10 @@ class PredictorLimits:
 
 
 class Predictor:
-    def __init__(self, model, tokenizer, *, model_id: str = "slime", limits: PredictorLimits | None = None) -> None:
+    def __init__(self, model, tokenizer, *, model_id: str = "slime", limits: PredictorLimits | None = None,
+                 mode: VisualMode = "both") -> None:
         self.model = model.eval()
+        self.mode = mode  # which visual tokens are fed: a global-only model is served with "global"
         self.tokenizer = tokenizer
         self.cfg = model.cfg
         self.model_id = model_id
@@ -69,11 +72,12 @@ class Predictor:
 
     @classmethod
     def load(cls, path: str, device: str = "cpu", dtype: str | None = None, model_id: str | None = None,
-             limits: PredictorLimits | None = None) -> Predictor:
+             limits: PredictorLimits | None = None, mode: VisualMode = "both") -> Predictor:
         from slime.checkpoint import load_pretrained
 
         model, tokenizer = load_pretrained(path, device=device, dtype=dtype)
-        return cls(model, tokenizer, model_id=model_id or str(path).rstrip("/").rsplit("/", 1)[-1], limits=limits)
+        return cls(model, tokenizer, model_id=model_id or str(path).rstrip("/").rsplit("/", 1)[-1], limits=limits,
+                   mode=mode)
 
     # ------------------------------------------------------------------ validation + encoding
 
@@ -112,7 +116,7 @@ class Predictor:
     def encode(self, req: ChatRequest) -> dict:
         messages = self._validate(req)
         image = req.images[0] if req.images else None
-        sample = self.processor({"messages": messages}, image, gamma=req.gamma, for_generation=True)
+        sample = self.processor({"messages": messages}, image, mode=self.mode, gamma=req.gamma, for_generation=True)
         limit = self.limits.max_prompt_tokens or self.cfg.max_length
         if len(sample["input_ids"]) + 1 > limit:
             raise InputError(f"prompt is {len(sample['input_ids'])} tokens (including "
@@ -139,7 +143,7 @@ class Predictor:
         params = [self._params(r, len(s["input_ids"])) for r, s in zip(reqs, samples)]
         gammas = [r.gamma if r.gamma is not None else self.cfg.local.gamma for r in reqs]
         with self._lock:
-            outs = generate(self.model, self.tokenizer, batch, params, gamma=gammas, eos_ids=self.eos_ids,
+            outs = generate(self.model, self.tokenizer, batch, params, mode=self.mode, gamma=gammas, eos_ids=self.eos_ids,
                             on_text=on_text)
         latency = time.perf_counter() - start
         return [ChatResult(text=o.text, finish_reason=o.finish_reason, prompt_tokens=len(s["input_ids"]),
