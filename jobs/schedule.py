@@ -34,7 +34,15 @@ def main(argv: list[str] | None = None) -> int:
         print(f"slime schedule: config error: {e}", file=sys.stderr)
         return 2
     zone = ZoneInfo(cfg.timezone)
-    runner = JobsRunner(cfg.jobs, cfg.rollout, cfg.work_dir, cfg.val)
+    if cfg.jobs.address == "local":  # built-in scheduler on one machine: steps run on an embedded Ray
+        import ray
+
+        from pipelines.local_runner import LocalRunner
+
+        ray.init(include_dashboard=True, dashboard_host="127.0.0.1")
+        runner = LocalRunner(cfg.jobs, cfg.rollout, cfg.work_dir, cfg.val)
+    else:
+        runner = JobsRunner(cfg.jobs, cfg.rollout, cfg.work_dir, cfg.val)
     # the heartbeat thread keeps the registry lock alive while train/evaluate jobs run for hours
     scheduler = Scheduler(cfg, runner, now=lambda: datetime.now(zone), heartbeat_s=cfg.lock_ttl_s / 4)
     if args.once:

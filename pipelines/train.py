@@ -84,6 +84,10 @@ def ensure_init_model(cfg: TrainConfig) -> str:
     return uri
 
 
+AWS_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
+           "AWS_DEFAULT_REGION", "AWS_REGION")
+
+
 def run_config(cfg: TrainConfig):
     import ray.train
 
@@ -93,8 +97,12 @@ def run_config(cfg: TrainConfig):
 
         s3, path = storage.filesystem(cfg.storage_path)
         fs = PyFileSystem(FSSpecHandler(s3))
+    # Workers touch storage too (logs, init model, export): they get the driver's S3 settings, since a
+    # Ray started before these variables were set would not pass them on.
+    aws = {k: v for k, v in os.environ.items() if k in AWS_ENV}
     return ray.train.RunConfig(
         name=cfg.name, storage_path=path, storage_filesystem=fs,
+        worker_runtime_env={"env_vars": aws} if aws else None,
         failure_config=ray.train.FailureConfig(max_failures=cfg.checkpoint.max_failures),
         checkpoint_config=ray.train.CheckpointConfig(num_to_keep=cfg.checkpoint.num_to_keep))
 
