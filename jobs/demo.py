@@ -7,24 +7,16 @@ with the tiny model: synthesise -> pack -> train all phases -> evaluate -> regis
 
 from __future__ import annotations
 
-import argparse
-import sys
 from pathlib import Path
 
+from jobs.common import job_parser, load_job_config
 from pipelines.demo import DemoConfig, run_demo
-from slime.config import load_config
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="slime demo", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", help="optional YAML with DemoConfig fields")
-    parser.add_argument("overrides", nargs="*", help="key=value, e.g. workdir=/tmp/demo num_images=24")
-    args = parser.parse_args(argv)
-    try:
-        default_run = str(Path(__file__).parent / "configs" / "train_tiny.yaml")
-        cfg = load_config(DemoConfig, args.config, args.overrides, base={"train_config": default_run})
-    except ValueError as e:
-        print(f"slime demo: config error: {e}", file=sys.stderr)
+    args = job_parser("demo", __doc__, "train_tiny.yaml (its phases)").parse_args(argv)
+    default_run = str(Path(__file__).parent / "configs" / "train_tiny.yaml")
+    if (cfg := load_job_config("demo", DemoConfig, args, base={"train_config": default_run})) is None:
         return 2
     run_demo(cfg)
     return 0

@@ -6,37 +6,19 @@ Without --address (and RAY_ADDRESS unset) an embedded local Ray is started.
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import sys
 
+from jobs.common import init_ray, job_parser, load_job_config
 from pipelines.evaluate import EvalConfig
-from slime.config import load_config
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="slime evaluate", description=__doc__.splitlines()[0])
-    parser.add_argument("--config", help="YAML file (see jobs/configs/eval_tiny.yaml)")
-    parser.add_argument("--address", default=None, help="Ray cluster address (default: RAY_ADDRESS or embedded)")
-    parser.add_argument("--num-cpus", type=float, default=2, help="logical CPUs of an embedded Ray")
-    parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. batch_size=16")
-    args = parser.parse_args(argv)
-    try:
-        cfg = load_config(EvalConfig, args.config, args.overrides)
-    except ValueError as e:
-        print(f"slime evaluate: config error: {e}", file=sys.stderr)
+    args = job_parser("evaluate", __doc__, "eval_tiny.yaml", ray=True, num_cpus=2).parse_args(argv)
+    if (cfg := load_job_config("evaluate", EvalConfig, args)) is None:
         return 2
-
-    import ray
-
     from pipelines.evaluate import evaluate
 
-    if not ray.is_initialized():
-        if args.address or os.environ.get("RAY_ADDRESS"):
-            ray.init(address=args.address)
-        else:
-            ray.init(num_cpus=args.num_cpus, include_dashboard=False)
+    init_ray(args, dashboard=False)
     metrics = evaluate(cfg)
     print(json.dumps({k: metrics[k] for k in ("output", "num_samples", "accuracy", "exact_match", "errors")}))
     return 0
