@@ -20,11 +20,12 @@ $(BIN)/.installed: pyproject.toml constraints.txt
 
 setup: $(BIN)/.installed
 
+# The venv's bin first on PATH: Ray job entrypoints (`python -m jobs.X`) must find this interpreter.
 demo: setup
-	$(BIN)/slime demo
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/slime demo
 
 test: setup
-	$(BIN)/python -m pytest -q
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q
 
 bench: setup
 	for b in benchmarks/*.py; do $(BIN)/python $$b || exit 1; done

@@ -68,6 +68,7 @@ def test_ticks_retrain_evaluate_promote_and_roll_serve(ray_session, tmp_path):
     scheduler = Scheduler(cfg, runner, now=lambda: clock[0])
     registry = Registry(cfg.registry)
     port = _free_port()
+    serve.shutdown()  # start Serve with our port even if an earlier module left one running
     serve.start(http_options={"host": "127.0.0.1", "port": port})
 
     def served_fingerprint() -> str:
@@ -102,4 +103,4 @@ def test_ticks_retrain_evaluate_promote_and_roll_serve(ray_session, tmp_path):
         ticks = [d["decision"] for d in registry.decisions() if "decision" in d]  # promotions log too
         assert ticks[-3:] == ["promoted", "kept", "promoted"]
     finally:
-        serve.delete("sched")
+        serve.shutdown()

@@ -55,6 +55,7 @@ def server(ray_session, tiny_checkpoints):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
+    serve.shutdown()  # an earlier module's Serve would keep its own HTTP port: start ours fresh
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     serve.run(build_app(serve_args(tiny_checkpoints[0])), name=APP, route_prefix="/", blocking=False)
     yield f"http://127.0.0.1:{port}"

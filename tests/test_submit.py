@@ -54,7 +54,9 @@ def _pids_using(marker: str) -> list[int]:
 def ray_head():
     temp_dir = tempfile.mkdtemp(prefix="slr", dir="/tmp")  # short: unix socket paths are limited to 107 bytes
     ports = dict(zip(PORT_FLAGS, free_ports(len(PORT_FLAGS))))
-    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0"}
+    # Job entrypoints run `python -m jobs.X`: the head's PATH must find this interpreter first.
+    path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "PATH": path}
     cmd = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", "--block", "--num-cpus=2", "--num-gpus=0",
            "--dashboard-host=127.0.0.1", f"--temp-dir={temp_dir}", "--disable-usage-stats",
            "--object-store-memory=200000000", *[f"{k}={v}" for k, v in ports.items()]]
