@@ -70,8 +70,9 @@ class SlimeModel(nn.Module):
 
     def visual_blocks(self, pixel_values, tile_mask, grid, has_image, text_embeds: list[torch.Tensor],
                       mode: VisualMode, gammas: list[float], forced_expert: int | None,
-                      vision_features=None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """Per image-bearing sample: (tokens [V, D], valid [V]) = [global][sep][kept local] per ``mode``."""
+                      vision_features=None) -> list[tuple[torch.Tensor, torch.Tensor, int, int]]:
+        """Per image-bearing sample: (tokens [V, D], valid [V], kept local, local before selection), where
+        tokens = [global][sep][kept local] per ``mode``."""
         batch, num_tiles = tile_mask.shape
         slot = torch.arange(num_tiles, device=tile_mask.device)[None]
         want = {"global": slot == 0, "local": slot > 0, "both": torch.ones_like(slot, dtype=torch.bool)}[mode]
@@ -89,7 +90,7 @@ class SlimeModel(nn.Module):
         sep = self.llm.get_input_embeddings().weight[self.separator_id][None]  # [1, D]
         blocks = []
         for i, b in enumerate(images):
-            parts, valid = [], []
+            parts, valid, kept_n, local_n = [], [], 0, 0
             if glob is not None:
                 parts.append(glob[i])
                 valid.append(torch.ones(glob.shape[1], dtype=torch.bool, device=glob.device))
@@ -102,7 +103,8 @@ class SlimeModel(nn.Module):
                 kept, ok = self.selector(tokens, text_embeds[b], gammas[b])  # [K, D]
                 parts.append(kept)
                 valid.append(ok)
-            blocks.append((torch.cat(parts), torch.cat(valid)))
+                kept_n, local_n = int(ok.sum()), tokens.shape[0]
+            blocks.append((torch.cat(parts), torch.cat(valid), kept_n, local_n))
         return blocks
 
     # ------------------------------------------------------------------ splice + LM
@@ -131,21 +133,17 @@ class SlimeModel(nn.Module):
             blocks = self.visual_blocks(pixel_values, tile_mask, grid, has_image, text, mode, gammas,
                                         forced_expert, vision_features)
             images = [b for b in range(batch) if has_image[b]]
-            for (tokens, _), b in zip(blocks, images):
+            for (tokens, *_), b in zip(blocks, images):
                 if tokens.shape[0] != int(counts[b]):
                     raise ValueError(f"sample {b}: the prompt has {int(counts[b])} <image> positions but the model "
                                      f"produced {tokens.shape[0]} visual tokens (mode={mode}); the processor and "
                                      f"the model disagree on the token contract")
-            visual = torch.cat([t for t, _ in blocks]).to(embeds.dtype)
-            valid = torch.cat([v for _, v in blocks])
+            visual = torch.cat([blk[0] for blk in blocks]).to(embeds.dtype)
+            valid = torch.cat([blk[1] for blk in blocks])
             # masked_scatter fills positions in row-major order = sample order, then sequence order.
             embeds = embeds.masked_scatter(placeholders[..., None], visual)
             attention_mask[placeholders] = valid.to(attention_mask.dtype)  # unused nucleus slots drop out
-            if mode != "global":
-                local = sum(self._local_count(b, grid) for b in images)
-                kept_total = sum(int(v.sum()) for _, v in blocks) - sum(
-                    self._fixed_count(mode) for _ in images)
-                stats.update(kept=kept_total, local=local)
+            stats.update(kept=sum(blk[2] for blk in blocks), local=sum(blk[3] for blk in blocks))
         position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
         return embeds, attention_mask, position_ids, stats
 
@@ -157,13 +155,6 @@ class SlimeModel(nn.Module):
         if isinstance(gamma, (list, tuple)):
             return [float(g) for g in gamma]
         return [float(gamma)] * batch
-
-    def _local_count(self, b: int, grid) -> int:
-        cols, rows = (int(v) for v in grid[b])
-        return cols * rows * self.cfg.local.num_queries
-
-    def _fixed_count(self, mode: VisualMode) -> int:
-        return self.connector.num_tokens + 1 if mode == "both" else 0
 
     def forward(self, input_ids, attention_mask, labels=None, pixel_values=None, tile_mask=None, grid=None,
                 instruction_mask=None, has_image=None, vision_features=None, mode: VisualMode = "both",
