@@ -17,7 +17,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from slime.config import load_config
+from slime.config import load_config, replace
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -92,8 +92,6 @@ def run_demo(cfg: DemoConfig) -> dict:
                                                            f"export_dir={models / 'candidate'}",
                                                            f"data.manifest={wds / 'train'}",
                                                            f"scaling.num_workers={cfg.num_workers}"])
-        from slime.config import replace
-
         train_cfg = replace(base, phases=tuple(replace(p, steps=steps, epochs=None) for p in base.phases))
         result = train(train_cfg)
         timings["train_s"] = time.perf_counter() - t

@@ -43,8 +43,13 @@ def save_pretrained(model, tokenizer, out_dir: str | Path, metadata: dict | None
     llm_conf["vocab_size"] = model.llm.get_input_embeddings().weight.shape[0]
     (tmp / "llm_config.json").write_text(json.dumps(llm_conf, indent=2, default=str))
     (tmp / "vision_config.json").write_text(json.dumps(model.vision.encoder.config.to_dict(), indent=2, default=str))
-    # clone(): safetensors refuses tensors that share storage (tied embeddings).
-    state = {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+    # safetensors refuses tensors that share storage (tied embeddings): copy only the second sharer.
+    state, seen = {}, set()
+    for k, v in model.state_dict().items():
+        v = v.detach().to("cpu").contiguous()
+        ptr = v.untyped_storage().data_ptr()
+        state[k] = v.clone() if ptr in seen else v
+        seen.add(ptr)
     save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
     tokenizer.save_pretrained(str(tmp / "tokenizer"))
     meta = {"format_version": FORMAT_VERSION, "created": time.time(),
@@ -55,6 +60,13 @@ def save_pretrained(model, tokenizer, out_dir: str | Path, metadata: dict | None
         shutil.rmtree(out)
     tmp.rename(out)
     return out
+
+
+def architecture_config(hf_config: dict) -> dict:
+    """An HF config dict reduced to the architecture (what ``build_model`` rebuilds from): the saved
+    class names, versions, source path and remote-code hooks are provenance, not shape."""
+    drop = ("architectures", "transformers_version", "_name_or_path", "auto_map")
+    return {k: v for k, v in hf_config.items() if k not in drop}
 
 
 def load_config(path: str | Path) -> ModelConfig:
@@ -72,10 +84,8 @@ def load_pretrained(path: str, device: str | torch.device = "cpu", dtype: str | 
     if dtype:
         cfg = replace(cfg, dtype=dtype)
     tokenizer = AutoTokenizer.from_pretrained(str(local / "tokenizer"))
-    llm_conf = json.loads((local / "llm_config.json").read_text())
+    llm_conf = architecture_config(json.loads((local / "llm_config.json").read_text()))
     vision_conf = json.loads((local / "vision_config.json").read_text())
-    for key in ("architectures", "transformers_version", "_name_or_path"):
-        llm_conf.pop(key, None)
     model = build_model(cfg, tokenizer, llm_hf_config=llm_conf, vision_hf_config=vision_conf)
     state = load_file(str(local / "model.safetensors"))
     missing, unexpected = model.load_state_dict(state, strict=False)

@@ -32,9 +32,7 @@ class GenerationOutput:
 
 
 def _sample(logits: torch.Tensor, p: GenerationParams, gen: torch.Generator | None) -> int:
-    """One row of logits [V] -> next token id."""
-    if p.temperature <= 0:
-        return int(logits.argmax())
+    """One row of logits [V] -> next sampled token id (temperature > 0; greedy rows take the argmax)."""
     probs = (logits.float() / p.temperature).softmax(-1)
     if p.top_p < 1.0:
         sorted_p, order = probs.sort(descending=True)
@@ -86,13 +84,15 @@ def generate(model, tokenizer, batch: dict[str, torch.Tensor], params: list[Gene
         if not any(active):
             break
         tokens = []
+        greedy = logits.argmax(-1).tolist()  # one device sync per step for every greedy row
         for b in range(size):
             if not active[b]:
                 tokens.append(tokenizer.pad_token_id or 0)
                 continue
-            tok = _sample(logits[b].cpu(), params[b], gens[b])
+            p = params[b]
+            tok = greedy[b] if p.temperature <= 0 else _sample(logits[b].cpu(), p, gens[b])
             tokens.append(tok)
-            res, p = results[b], params[b]
+            res = results[b]
             if tok in eos_ids:
                 res.finish_reason, active[b] = "stop", False
             else:
