@@ -17,7 +17,7 @@ from slime.presets import PRESETS, preset
 def main(argv: list[str] | None = None) -> int:
     from transformers import AutoTokenizer
 
-    from slime.checkpoint import save_pretrained
+    from slime.checkpoint import architecture_config, save_pretrained
     from slime.importer import load_upstream, read_upstream_weights
     from slime.model import build_model
     from slime.storage import local_copy
@@ -41,10 +41,8 @@ def main(argv: list[str] | None = None) -> int:
         cfg = replace(cfg, global_branch=replace(cfg.global_branch, kind="mlp"))
     tokenizer = AutoTokenizer.from_pretrained(upstream)
     ensure_image_token(tokenizer)
-    llm_conf = json.loads(open(f"{upstream}/config.json").read())
-    for key in ("architectures", "transformers_version", "_name_or_path", "auto_map"):
-        llm_conf.pop(key, None)
-    llm_conf = {k: v for k, v in llm_conf.items() if not k.startswith("mm_")}
+    llm_conf = architecture_config(json.loads(open(f"{upstream}/config.json").read()))
+    llm_conf = {k: v for k, v in llm_conf.items() if not k.startswith("mm_")}  # LLaVA's multimodal keys
     llm_conf["model_type"] = cfg.llm.kind
     model = build_model(cfg, tokenizer, llm_hf_config=llm_conf)
     report = load_upstream(model, read_upstream_weights(upstream), args.kind)

@@ -197,12 +197,10 @@ def _maybe_fail(cfg: TrainConfig, global_step: int, rank: int) -> None:
 
 def _rebuild(model, tokenizer, state: dict):
     """A fresh model holding ``state`` (the next phase gets new DDP/DeepSpeed wrappers on new modules)."""
+    from slime.checkpoint import architecture_config
     from slime.model import build_model
 
-    llm_conf = model.llm.config.to_dict()
-    for key in ("architectures", "transformers_version", "_name_or_path"):
-        llm_conf.pop(key, None)
-    fresh = build_model(model.cfg, tokenizer, llm_hf_config=llm_conf,
+    fresh = build_model(model.cfg, tokenizer, llm_hf_config=architecture_config(model.llm.config.to_dict()),
                         vision_hf_config=model.vision.encoder.config.to_dict())
     fresh.load_state_dict(state)
     return fresh
