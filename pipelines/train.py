@@ -148,16 +148,27 @@ def train(cfg: TrainConfig) -> dict:
 
 
 class Batches:
-    """Endless micro-batches from one phase's dataset shard; a new data epoch starts when one ends."""
+    """Endless micro-batches from one phase's dataset shard; a new data epoch starts when one ends.
 
-    def __init__(self, shard, kwargs: dict, epoch: int = 0, skip: int = 0) -> None:
-        self.shard, self.kwargs, self.epoch, self.batch_in_epoch = shard, kwargs, epoch, 0
-        self.skip, self.it = skip, None
+    Each Ray Data batch holds ``per_fetch`` micro-batches and is sliced here (views, no copies); only
+    whole micro-batches are used, so what the loop sees does not depend on ``per_fetch``. ``skip``
+    micro-batches are discarded at the start of the first epoch (resume_data=skip)."""
+
+    def __init__(self, shard, kwargs: dict, micro: int, per_fetch: int = 1, epoch: int = 0, skip: int = 0) -> None:
+        self.shard, self.kwargs, self.micro = shard, dict(kwargs, batch_size=micro * per_fetch, drop_last=False), micro
+        self.epoch, self.batch_in_epoch, self.skip, self.it = epoch, 0, skip, None
+
+    def _epoch(self):
+        m = self.micro
+        for fetched in self.shard.iter_torch_batches(**self.kwargs):
+            fetched.pop("sample_hash", None)  # identifies samples; not a model input
+            for i in range(len(fetched["input_ids"]) // m):
+                yield {k: v[i * m:(i + 1) * m] for k, v in fetched.items()}
 
     def next(self) -> dict[str, torch.Tensor]:
         while True:
             if self.it is None:
-                self.it = iter(self.shard.iter_torch_batches(**self.kwargs))
+                self.it = self._epoch()
                 for _ in range(self.skip):  # resume_data=skip: what the checkpoint had consumed
                     next(self.it)
                     self.batch_in_epoch += 1
@@ -171,7 +182,6 @@ class Batches:
                 self.epoch, self.batch_in_epoch, self.it = self.epoch + 1, 0, None
                 continue
             self.batch_in_epoch += 1
-            batch.pop("sample_hash", None)  # identifies samples; not a model input
             return batch
 
 
@@ -241,7 +251,9 @@ def train_loop_per_worker(config: dict) -> None:
         def phase_batches(i: int, skip: int = 0, epoch: int = 0) -> Batches:
             dcfg = from_dict(DataConfig, config["data"][phases[i].name])
             return Batches(ray.train.get_dataset_shard(phases[i].name),
-                           torch_batch_kwargs(dcfg, cfg.optim.micro_batch_size, drop_last=True), epoch, skip)
+                           torch_batch_kwargs(dcfg, cfg.optim.micro_batch_size,
+                                              prefetch_batches=cfg.ingest.prefetch_batches),
+                           cfg.optim.micro_batch_size, cfg.ingest.micro_batches_per_fetch, epoch, skip)
 
         engine = None
         for index in range(pos.phase_index, len(phases)):

@@ -78,6 +78,32 @@ def test_deepspeed_config_takes_batch_and_precision_from_the_run():
 # ----------------------------------------------------------------------------- fixtures for Ray runs
 
 
+@pytest.mark.integration
+def test_grouped_fetches_give_the_same_micro_batches(ray_session):
+    """Batches slices k micro-batches out of each Ray Data batch: same micro-batches, same order, same
+    dropped tail and epoch/skip accounting as fetching them one at a time."""
+    import ray
+
+    from pipelines.train import Batches
+
+    ds = ray.data.from_items([{"input_ids": [i, i], "sample_hash": i} for i in range(22)], override_num_blocks=3)
+    kwargs = {"prefetch_batches": 1, "dtypes": {"input_ids": torch.int64, "sample_hash": torch.int64}}
+
+    def take(per_fetch: int, n: int, skip: int = 0) -> tuple[list[list[int]], Batches]:
+        b = Batches(ds.iterator(), kwargs, micro=4, per_fetch=per_fetch, skip=skip)
+        got = [b.next() for _ in range(n)]
+        assert all("sample_hash" not in x for x in got)
+        return [x["input_ids"][:, 0].tolist() for x in got], b
+
+    one, b1 = take(1, 12)
+    grouped, b3 = take(3, 12)
+    assert grouped == one
+    assert one[:6] == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11], [12, 13, 14, 15], [16, 17, 18, 19], [0, 1, 2, 3]]
+    assert (b3.epoch, b3.batch_in_epoch) == (b1.epoch, b1.batch_in_epoch) == (2, 2)  # 5 per epoch, rows 20-21 dropped
+    skipped, bs = take(3, 2, skip=4)
+    assert skipped == [[16, 17, 18, 19], [0, 1, 2, 3]] and (bs.epoch, bs.batch_in_epoch) == (1, 1)
+
+
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     """Synthetic high-detail set: 9 train images x 4 records -> 36 samples in 5 shards; 3 val images."""
