@@ -35,7 +35,7 @@ from pipelines import storage
 from pipelines.storage import StorageConfig
 
 REASONS = ("bad_json", "missing_image", "undecodable_image", "image_too_large", "image_token_mismatch",
-           "empty_conversation", "malformed_conversation", "duplicate_id")
+           "empty_conversation", "malformed_conversation", "duplicate_id", "path_escape")
 IMAGE_TOKEN = "<image>"
 _FORMAT_EXT = {"JPEG": "jpg", "PNG": "png", "WEBP": "webp"}
 
@@ -45,6 +45,9 @@ class PackConfig:
     inputs: tuple[str, ...]  # LLaVA .json (a list) or .jsonl files, local or s3://
     output_dir: str  # the dataset directory (local or s3://)
     image_root: str | None = None  # default: the directory of each input file
+    # Image paths must resolve inside the image root (no ``../``, no symlink pointing out). Absolute
+    # paths and URIs are refused too unless this is set, for JSON files that were written with them.
+    allow_absolute_paths: bool = False
     max_samples_per_shard: int = 1000
     max_bytes_per_shard: int = 256 * 1024 * 1024
     max_pixels: int = 40_000_000
@@ -217,8 +220,24 @@ class _ShardWriter:
         return self.entries
 
 
-def _image_uri(root: str, path: str) -> str:
-    return path if "://" in path or os.path.isabs(path) else storage.join(root, *path.split("/"))
+def _image_uri(root: str, path: str, allow_absolute: bool) -> str:
+    """Where a record's image lives; raises Reject("path_escape") for a path that leaves the image root
+    (a record must not make pack read, and publish into shards, arbitrary files of the machine)."""
+    if "://" in path or os.path.isabs(path) or path.startswith("~"):
+        if not allow_absolute:
+            raise Reject("path_escape", f"{path!r} is absolute; image paths are relative to the image root "
+                         "(set allow_absolute_paths=true to accept absolute paths)")
+        return path if "://" in path else os.path.expanduser(path)
+    if storage.is_s3(root):
+        rel = posixpath.normpath(path)
+        if rel == ".." or rel.startswith("../"):
+            raise Reject("path_escape", f"{path!r} resolves outside the image root {root}")
+        return storage.join(root, rel)
+    base = os.path.realpath(root)
+    real = os.path.realpath(os.path.join(base, *path.split("/")))  # follows symlinks
+    if os.path.commonpath([base, real]) != base:
+        raise Reject("path_escape", f"{path!r} resolves to {real}, outside the image root {base}")
+    return real
 
 
 def _members(rec: dict, image: tuple | None, provenance: dict) -> dict[str, bytes]:
@@ -306,11 +325,12 @@ def pack(cfg: PackConfig) -> dict:
                     check_record(rec)
                     if str(rec["id"]) in seen:  # cheap early exit; finish() re-checks in order
                         raise Reject("duplicate_id", f"id {rec['id']!r} already in the dataset")
+                    image = rec.get("image")
+                    uri = _image_uri(root, image, cfg.allow_absolute_paths) if image else None
                 except Reject as r:
                     reject(src, where, rec.get("id") if isinstance(rec, dict) else None, r)
                     continue
-                image = rec.get("image")
-                fut = pool.submit(_fetch_image, _image_uri(root, image), image, cfg, checked) if image else None
+                fut = pool.submit(_fetch_image, uri, image, cfg, checked) if image else None
                 pending.append((src, where, rec, fut))
                 while len(pending) > 4 * cfg.num_threads:  # bound the image bytes held in memory
                     finish(*pending.popleft())

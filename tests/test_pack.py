@@ -205,3 +205,32 @@ def test_job_entry_point(raw, tmp_path, capsys):
     assert rc == 0 and out["samples"] == 2 and out["rejects"]["bad_json"] == 1
     assert pack_job.main(["--config", path, "max_sampels_per_shard=2"]) == 2
     assert "max_sampels_per_shard" in capsys.readouterr().err
+
+
+def test_path_escapes_are_rejected_with_their_reason(raw, tmp_path):
+    """../, absolute paths, URIs and symlinks leading out of the image root never reach a shard."""
+    secret = tmp_path / "outside.jpg"
+    secret.write_bytes(_img("JPEG", color=(1, 2, 3)))
+    os.symlink(secret, raw / "img" / "link-out.jpg")
+    os.symlink(raw / "img" / "a.jpg", raw / "img" / "link-in.jpg")  # a link that stays inside is fine
+    records = [_rec("ok", "img/a.jpg"), _rec("dotdot", "../outside.jpg"), _rec("dotdot-deep", "img/../../outside.jpg"),
+               _rec("absolute", str(secret)), _rec("uri", "file://" + str(secret)), _rec("symlink", "img/link-out.jpg"),
+               _rec("link-in", "img/link-in.jpg"), _rec("inner-dotdot", "img/../img/b.png")]
+    (raw / "escape.json").write_text(json.dumps(records))
+    out = tmp_path / "wds"
+    summary = pack(_cfg(raw, out, "escape.json"))
+    assert {k: v for k, v in summary["rejects"].items() if v} == {"path_escape": 5}
+    rejects = {r["id"]: r for r in map(json.loads, (out / "rejects.jsonl").read_text().splitlines())}
+    assert set(rejects) == {"dotdot", "dotdot-deep", "absolute", "uri", "symlink"}
+    assert "absolute" in rejects["absolute"]["detail"] and "allow_absolute_paths" in rejects["absolute"]["detail"]
+    assert "outside the image root" in rejects["symlink"]["detail"]
+    kept = _read_back(shard_uris(str(out)))
+    assert set(kept) == {"ok", "link-in", "inner-dotdot"}
+    assert kept["ok"]["jpg"] == (raw / "img" / "a.jpg").read_bytes()
+
+    # Opting in admits absolute paths (and only those): relative escapes stay rejected.
+    (raw / "abs.json").write_text(json.dumps([_rec("absolute", str(secret)), _rec("dotdot", "../outside.jpg")]))
+    out2 = tmp_path / "wds2"
+    summary = pack(_cfg(raw, out2, "abs.json", allow_absolute_paths=True))
+    assert summary["samples"] == 1 and summary["rejects"]["path_escape"] == 1
+    assert _read_back(shard_uris(str(out2)))["absolute"]["jpg"] == secret.read_bytes()
