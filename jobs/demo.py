@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from jobs.common import job_parser, load_job_config
+from jobs.common import job_parser, load_job_config, run_job
 from pipelines.demo import DemoConfig, run_demo
 
 
@@ -18,8 +18,7 @@ def main(argv: list[str] | None = None) -> int:
     default_run = str(Path(__file__).parent / "configs" / "train_tiny.yaml")
     if (cfg := load_job_config("demo", DemoConfig, args, base={"train_config": default_run})) is None:
         return 2
-    run_demo(cfg)
-    return 0
+    return run_job("demo", lambda: run_demo(cfg) and None)
 
 
 if __name__ == "__main__":

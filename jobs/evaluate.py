@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 
-from jobs.common import init_ray, job_parser, load_job_config
+from jobs.common import init_ray, job_parser, load_job_config, require_model_dir, run_job
 from pipelines.evaluate import EvalConfig
 
 
@@ -16,12 +16,18 @@ def main(argv: list[str] | None = None) -> int:
     args = job_parser("evaluate", __doc__, "eval_tiny.yaml", ray=True, num_cpus=2).parse_args(argv)
     if (cfg := load_job_config("evaluate", EvalConfig, args)) is None:
         return 2
-    from pipelines.evaluate import evaluate
 
-    init_ray(args, dashboard=False)
-    metrics = evaluate(cfg)
-    print(json.dumps({k: metrics[k] for k in ("output", "num_samples", "accuracy", "exact_match", "errors")}))
-    return 0
+    def body() -> None:
+        from pipelines.evaluate import evaluate, preflight
+
+        require_model_dir(cfg.model, "model", cfg.storage)
+        preflight(cfg)  # val shards exist, no result would be silently replaced: before Ray starts
+        init_ray(args, dashboard=False)
+        metrics = evaluate(cfg)
+        print(json.dumps({k: metrics[k] for k in ("output", "plot", "num_samples", "accuracy", "exact_match",
+                                                  "errors")}))
+
+    return run_job("evaluate", body)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 
-from jobs.common import job_parser, load_job_config
+from jobs.common import job_parser, load_job_config, run_job
 from pipelines.pack import PackConfig, pack
 
 
@@ -16,8 +16,8 @@ def main(argv: list[str] | None = None) -> int:
     if (cfg := load_job_config("pack", PackConfig, args)) is None:
         return 2
     # Bad records are counted in the summary and rejects.jsonl, never fatal: exit 0 if the run committed.
-    print(json.dumps(pack(cfg)))
-    return 0
+    # A missing input file or image root is the user's mistake: one line, exit 2, nothing written.
+    return run_job("pack", lambda: print(json.dumps(pack(cfg))))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,7 @@ import argparse
 import sys
 import time
 
+from jobs.common import require_model_dir, run_job
 from pipelines.serve import ServeArgs, build_app
 from slime.config import load_config
 
@@ -32,7 +33,13 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as e:
         print(f"slime serve: config error: {e}", file=sys.stderr)
         return 2
+    return run_job("serve", lambda: _serve(cfg, args))
 
+
+def _serve(cfg: ServeArgs, args: argparse.Namespace) -> None:
+    # A missing model would otherwise surface only as "Deploying application slime failed", with the
+    # cause in a replica's log: check it before Serve deploys anything.
+    require_model_dir(cfg.model, "model", getattr(cfg, "storage", None))
     import ray
     from ray import serve
 
@@ -45,7 +52,6 @@ def main(argv: list[str] | None = None) -> int:
             time.sleep(1)
     except KeyboardInterrupt:
         serve.delete(args.name)
-    return 0
 
 
 if __name__ == "__main__":

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 
-from jobs.common import job_parser, load_job_config
+from jobs.common import job_parser, load_job_config, run_job
 from pipelines.synth import SynthConfig, generate
 
 
@@ -15,8 +15,7 @@ def main(argv: list[str] | None = None) -> int:
     args = job_parser("synth", __doc__, "synth_tiny.yaml").parse_args(argv)
     if (cfg := load_job_config("synth", SynthConfig, args)) is None:
         return 2
-    print(json.dumps(generate(cfg)))
-    return 0
+    return run_job("synth", lambda: print(json.dumps(generate(cfg))))
 
 
 if __name__ == "__main__":

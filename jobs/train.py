@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 
-from jobs.common import init_ray, job_parser, load_job_config
+from jobs.common import JobError, init_ray, job_parser, load_job_config, run_job
 from pipelines.train_config import TrainConfig
 
 
@@ -19,11 +19,18 @@ def main(argv: list[str] | None = None) -> int:
     args = job_parser("train", __doc__, "train_tiny.yaml", ray=True).parse_args(argv)
     if (cfg := load_job_config("train", TrainConfig, args)) is None:
         return 2
-    from pipelines.train import train
 
-    init_ray(args)
-    print(json.dumps(train(cfg), default=str))
-    return 0
+    def body() -> None:
+        from pipelines.train import preflight, train
+
+        try:
+            preflight(cfg)  # data and init model exist: checked before Ray starts
+        except ValueError as e:
+            raise JobError(str(e)) from e
+        init_ray(args)
+        print(json.dumps(train(cfg), default=str))
+
+    return run_job("train", body)
 
 
 if __name__ == "__main__":

@@ -116,6 +116,8 @@ def list_shards(cfg: DataConfig) -> list[str]:
             found = [(uri, _version(uri))]
         else:
             root = posixpath.dirname(uri) if uri.endswith("manifest.json") else uri
+            if not storage.exists(root, st):
+                raise FileNotFoundError(f"no shards at {root}: the path does not exist")
             if uri.endswith("manifest.json") or storage.exists(storage.join(root, "manifest.json"), st):
                 found = [(storage.join(root, s["name"]), s["version"]) for s in read_manifest(root, st)["shards"]]
             else:
@@ -125,8 +127,8 @@ def list_shards(cfg: DataConfig) -> list[str]:
            if (cfg.only_versions is None or v in cfg.only_versions)
            and u not in excluded and posixpath.basename(u) not in excluded]
     if not out:
-        raise FileNotFoundError(f"no shards selected from {cfg.shards} (only_versions={cfg.only_versions}, "
-                                f"exclude={list(cfg.exclude)})")
+        raise FileNotFoundError(f"no shards selected from {cfg.shards}: it has no manifest.json or *.tar "
+                                f"(only_versions={cfg.only_versions}, exclude={list(cfg.exclude)})")
     return out
 
 

@@ -15,8 +15,10 @@ the normalised one (what the retraining scheduler compares).
 
 from __future__ import annotations
 
+import collections
 import json
 import re
+import sys
 import string
 import time
 from dataclasses import dataclass, field
@@ -43,7 +45,8 @@ class EvalDataSection:
 class EvalConfig:
     model: str  # model directory, local or s3://
     data: EvalDataSection
-    output: str | None = None  # metrics.json URI; default: metrics.json next to the model directory
+    output: str | None = None  # metrics.json URI; default: <model>/eval/metrics.json (results live with the model)
+    overwrite: bool = False  # replace an existing metrics.json (said on stderr); otherwise that is an error
     predictions: bool = True  # also write predictions.jsonl beside metrics.json
     max_tokens: int = 16
     gamma: float | None = None  # local keep ratio at inference; None = the model's
@@ -131,8 +134,14 @@ def summarize(rows: list[dict]) -> dict:
 
     scored = [r for r in rows if not r["error"]]
     per_qtype = {q: block([r for r in scored if r["qtype"] == q]) for q in sorted({r["qtype"] for r in scored})}
+    per_task = {}
+    for task in sorted({r.get("task") or r["qtype"] for r in scored}):
+        rs = [r for r in scored if (r.get("task") or r["qtype"]) == task]
+        answers = collections.Counter(normalize_answer(str(r.get("reference", ""))) for r in rs)
+        # chance = always giving the task's most common reference answer (what a model ignoring the image scores)
+        per_task[task] = block(rs) | {"chance": answers.most_common(1)[0][1] / len(rs)}
     latencies = [float(r["latency_s"]) for r in scored]
-    return {**block(scored), "errors": len(rows) - len(scored), "per_qtype": per_qtype,
+    return {**block(scored), "errors": len(rows) - len(scored), "per_qtype": per_qtype, "per_task": per_task,
             "visual_tokens_per_sample": float(np.mean([int(r["visual_tokens"]) for r in scored])) if scored else 0.0,
             "latency_s_per_sample": {"mean": float(np.mean(latencies)) if latencies else 0.0,
                                      "p50": float(np.percentile(latencies, 50)) if latencies else 0.0,
@@ -148,6 +157,8 @@ def evaluate(cfg: EvalConfig) -> dict:
     from pipelines.preprocess import ShardReader, metrics_actor
 
     start = time.perf_counter()
+    output = default_output(cfg)
+    preflight(cfg)
     shards = list_shards(DataConfig(shards=cfg.data.val, model=cfg.model, only_versions=cfg.data.only_versions,
                                     storage=cfg.storage))
     paths, fs = _read_target(shards, cfg.storage)
@@ -165,12 +176,35 @@ def evaluate(cfg: EvalConfig) -> dict:
     wall = time.perf_counter() - start
     metrics = {"model": cfg.model, "data": cfg.data.val, **summarize(rows), "wall_s": wall,
                "samples_per_s": len(rows) / wall if wall else 0.0}
-    model_parent = cfg.model.rstrip("/").rsplit("/", 1)[0] if "/" in cfg.model.rstrip("/") else "."
-    output = cfg.output or storage.join(model_parent, "metrics.json")
+    if storage.exists(output, cfg.storage):
+        print(f"evaluate: replacing the earlier result at {output} (overwrite=true)", file=sys.stderr)
     storage.write_bytes_atomic(output, json.dumps(metrics, indent=1).encode(), cfg.storage)
+    out_dir = output.rsplit("/", 1)[0] if "/" in output else "."
     if cfg.predictions:
         lines = "".join(json.dumps(r) + "\n" for r in rows)
-        out_dir = output.rsplit("/", 1)[0] if "/" in output else "."
         storage.write_bytes_atomic(storage.join(out_dir, "predictions.jsonl"), lines.encode(), cfg.storage)
-    metrics["output"] = output
+    from pipelines.plots import plot_accuracy
+
+    plot = storage.join(out_dir, "accuracy.png")
+    storage.write_bytes_atomic(plot, plot_accuracy(metrics, title=cfg.model.rstrip("/").rsplit("/", 1)[-1]),
+                               cfg.storage)
+    metrics["output"], metrics["plot"] = output, plot
     return metrics
+
+
+def preflight(cfg: EvalConfig) -> None:
+    """Before Ray starts: the val shards exist and no earlier result would be replaced unasked."""
+    from pipelines.data import DataConfig, list_shards
+
+    output = default_output(cfg)
+    if storage.exists(output, cfg.storage) and not cfg.overwrite:
+        raise FileExistsError(f"{output} already holds a result: pass output=<another metrics.json> to keep both, "
+                              "or overwrite=true to replace it")
+    list_shards(DataConfig(shards=cfg.data.val, model=cfg.model, only_versions=cfg.data.only_versions,
+                           storage=cfg.storage))
+
+
+def default_output(cfg: EvalConfig) -> str:
+    """Where metrics.json goes: ``output``, else inside the model directory it measures, so evaluating
+    two models never writes to one file."""
+    return cfg.output or storage.join(cfg.model.rstrip("/"), "eval", "metrics.json")

@@ -41,8 +41,10 @@ def train_args(config: str, parent: str | None, manifest: str, export_dir: str, 
 
 
 def eval_args(config: str, model: str, val: str, output: str, overrides: tuple[str, ...] = ()) -> list[str]:
-    """Arguments of ``python -m jobs.evaluate``; it writes its metrics as JSON to ``output``."""
-    return ["--config", config, f"model={model}", f"data.val={val}", f"output={output}", *overrides]
+    """Arguments of ``python -m jobs.evaluate``; it writes its metrics as JSON to ``output``. A retried
+    tick evaluates the same model on the same val set again, so replacing that result is intended."""
+    return ["--config", config, f"model={model}", f"data.val={val}", f"output={output}", "overwrite=true",
+            *overrides]
 
 
 def entrypoint(name: str, args: list[str]) -> str:

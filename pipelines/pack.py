@@ -274,6 +274,11 @@ def pack(cfg: PackConfig) -> dict:
     out, st = cfg.output_dir, cfg.storage
     manifest = read_manifest(out, st)
     known = {s["sha256"] for s in manifest["sources"]}
+    missing = [src for src in cfg.inputs if not storage.exists(src, st)]
+    if missing:  # checked before anything is read or written
+        raise FileNotFoundError(f"input file{'s' if len(missing) > 1 else ''} not found: {', '.join(missing)}")
+    if cfg.image_root and not storage.exists(cfg.image_root, st):
+        raise FileNotFoundError(f"image_root {cfg.image_root} does not exist")
     todo, skipped = [], []
     for src in cfg.inputs:
         data = storage.read_bytes(src, st)

@@ -84,6 +84,23 @@ def ensure_init_model(cfg: TrainConfig) -> str:
     return uri
 
 
+def preflight(cfg: TrainConfig) -> None:
+    """What can be checked before Ray starts: every phase's shards exist and ``init_from`` is a model
+    directory. Raises FileNotFoundError / ValueError naming the path and the config key."""
+    from pipelines.data import list_shards
+
+    if cfg.init_from and not storage.exists(storage.join(cfg.init_from, "slime_config.yaml")):
+        raise FileNotFoundError(f"init_from={cfg.init_from} is not a model directory (no slime_config.yaml): "
+                                "give a directory written by slime train (export_dir) or slime convert")
+    for phase in expand_phases(cfg):
+        dcfg = phase_data_config(cfg, phase, cfg.init_from or "")
+        try:
+            list_shards(dcfg)
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"phase {phase.name!r}: {e} (set data.manifest to a directory written by "
+                                    "slime pack)") from e
+
+
 AWS_ENV = ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN",
            "AWS_DEFAULT_REGION", "AWS_REGION")
 
@@ -134,14 +151,42 @@ def train(cfg: TrainConfig) -> dict:
         datasets={name: build_dataset(d) for name, d in dcfgs.items()},
         dataset_config=ray.train.DataConfig(
             execution_options={n: ingest_options(d) for n, d in dcfgs.items()}))
-    result = trainer.fit()
+    from pipelines.console import TrainProgress
+
+    log_uri = storage.join(logs_uri(cfg), "metrics.jsonl")
+    with TrainProgress(log_uri, plan, [p.name for p in phases], every=cfg.logging.every_steps,
+                       interactive=None if cfg.logging.console == "auto" else cfg.logging.console == "bar"):
+        result = trainer.fit()
+    plot = write_loss_plot(cfg, log_uri)
     checkpoint_uri = result.checkpoint.path
     if storage.is_s3(cfg.storage_path):
         checkpoint_uri = "s3://" + checkpoint_uri.lstrip("/")
     if cfg.export_dir:
         export_model(storage.join(checkpoint_uri, "model"), cfg.export_dir)
     return {"name": cfg.name, "checkpoint": checkpoint_uri, "export_dir": cfg.export_dir, "phase_steps": plan,
-            "phases": [p.name for p in phases], "metrics": result.metrics}
+            "phases": [p.name for p in phases], "metrics": result.metrics, "metrics_log": log_uri,
+            "loss_plot": plot}
+
+
+def logs_uri(cfg: TrainConfig) -> str:
+    """Where the driver finds rank 0's metrics.jsonl: the local log dir, or its remote copy."""
+    if storage.is_s3(cfg.storage_path):
+        return storage.join(cfg.storage_path, cfg.name, "logs")
+    return cfg.logging.local_dir or os.path.join(cfg.storage_path, cfg.name, "logs")
+
+
+def write_loss_plot(cfg: TrainConfig, log_uri: str) -> str | None:
+    """loss.png next to metrics.jsonl; prints the per-phase summary table."""
+    from pipelines.console import summary_table
+    from pipelines.plots import plot_training, read_jsonl
+
+    if not storage.exists(log_uri):
+        return None
+    rows = read_jsonl(storage.read_bytes(log_uri))
+    print(summary_table(rows), flush=True)
+    plot = storage.join(log_uri.rsplit("/", 1)[0], "loss.png")
+    storage.write_bytes_atomic(plot, plot_training(rows, title=cfg.name))
+    return plot
 
 
 # ----------------------------------------------------------------------------- worker side
@@ -231,9 +276,8 @@ def train_loop_per_worker(config: dict) -> None:
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     device = ray.train.torch.get_device() if cfg.scaling.use_gpu else torch.device("cpu")
-    local_logs = cfg.logging.local_dir or (os.path.join(cfg.storage_path, cfg.name, "logs")
-                                           if not storage.is_s3(cfg.storage_path)
-                                           else os.path.join(tempfile.gettempdir(), "slime-runs", cfg.name, "logs"))
+    local_logs = (logs_uri(cfg) if not storage.is_s3(cfg.storage_path) else
+                  cfg.logging.local_dir or os.path.join(tempfile.gettempdir(), "slime-runs", cfg.name, "logs"))
     remote_logs = storage.join(cfg.storage_path, cfg.name, "logs") if storage.is_s3(cfg.storage_path) else None
     log = RunLog(local_logs, remote_logs, enabled=rank == 0, tensorboard=cfg.logging.tensorboard,
                  every_steps=cfg.logging.every_steps)

@@ -138,7 +138,8 @@ class CheckpointSection:
 
 @dataclass(frozen=True, kw_only=True)
 class LoggingSection:
-    every_steps: int = 10  # progress line
+    every_steps: int = 10  # progress line (when the console is not a terminal)
+    console: Literal["auto", "bar", "lines"] = "auto"  # driver-side progress: a bar on a terminal, else lines
     tensorboard: bool = True
     local_dir: str | None = None  # where rank 0 writes metrics.jsonl + TB events; default a temp dir,
     # synced to <storage_path>/<name>/logs at every checkpoint and at the end

@@ -61,10 +61,12 @@ def test_evaluate_known_answers(ray_session, tmp_path):
     (raw / "known.json").write_text(json.dumps(records))
     pack(PackConfig(inputs=(str(raw / "known.json"),), output_dir=str(tmp_path / "wds" / "known"), progress=False))
 
-    # Default output: metrics.json next to the model directory.
+    # Default output: inside the model directory it measures, with its accuracy chart beside it.
     assert main(["--config", "jobs/configs/eval_tiny.yaml", f"model={model}", f"data.val={tmp_path}/wds/known",
                  "batch_size=4", "max_tokens=6"]) == 0
-    metrics = json.loads(Path(model.parent / "metrics.json").read_text())
+    metrics = json.loads(Path(model / "eval" / "metrics.json").read_text())
+    assert (model / "eval" / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert set(metrics["per_task"]) and all(0 < t["chance"] <= 1 for t in metrics["per_task"].values())
     assert metrics["num_samples"] == len(records) and metrics["errors"] == 0
     assert metrics["accuracy"] == 0.5 and metrics["exact_match"] == 0.5
     expected = {}
@@ -75,3 +77,35 @@ def test_evaluate_known_answers(ray_session, tmp_path):
             metrics["per_qtype"].items()} == expected
     assert metrics["visual_tokens_per_sample"] > 16  # global view + separator + local tokens
     assert metrics["latency_s_per_sample"]["mean"] > 0
+
+
+@pytest.mark.integration
+def test_two_models_keep_two_results(ray_session, tmp_path):
+    """Evaluating model a then model b (same parent directory) leaves both results; a third run on a
+    refuses to replace a's result unless asked, and says so when asked."""
+    import shutil
+
+    from pipelines.evaluate import EvalConfig, EvalDataSection, evaluate
+    from pipelines.pack import PackConfig, pack
+    from pipelines.synth import SynthConfig, generate
+    from slime.presets import save_tiny_checkpoint
+
+    a = save_tiny_checkpoint(tmp_path / "models" / "a")
+    b = tmp_path / "models" / "b"
+    shutil.copytree(a, b)
+    raw = tmp_path / "raw"
+    generate(SynthConfig(output_dir=str(raw), num_images=2, min_side=448, max_side=512, val_fraction=0.0,
+                         progress=False))
+    pack(PackConfig(inputs=(str(raw / "train.json"),), output_dir=str(tmp_path / "wds"), progress=False))
+    cfg = lambda m, **kw: EvalConfig(model=str(m), data=EvalDataSection(val=str(tmp_path / "wds"), limit=2),
+                                     max_tokens=2, **kw)
+    first = evaluate(cfg(a))
+    second = evaluate(cfg(b))
+    assert first["output"] == str(a / "eval" / "metrics.json") != second["output"] == str(b / "eval" / "metrics.json")
+    assert json.loads((a / "eval" / "metrics.json").read_text())["model"] == str(a)
+    assert json.loads((b / "eval" / "metrics.json").read_text())["model"] == str(b)
+    before = (a / "eval" / "metrics.json").read_bytes()
+    with pytest.raises(FileExistsError, match="overwrite=true"):
+        evaluate(cfg(a))
+    assert (a / "eval" / "metrics.json").read_bytes() == before
+    assert evaluate(cfg(a, overwrite=True))["output"] == str(a / "eval" / "metrics.json")

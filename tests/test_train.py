@@ -157,6 +157,8 @@ def test_ddp_four_phases_golden_losses_and_trainable_sets(ray_session, shards, t
     assert all(s["samples_per_s"] > 0 and s["visual_tokens_per_sample"] > 0 for s in steps)
     assert {s["phase"]: s["kept_local_fraction"] for s in steps}["III-joint"] == pytest.approx(0.75, abs=0.1)
     assert list(Path(f"{tmp_path}/runs/golden/logs/tensorboard").glob("events.out.tfevents.*"))
+    assert summary["loss_plot"] == f"{tmp_path}/runs/golden/logs/loss.png"
+    assert Path(summary["loss_plot"]).read_bytes()[:4] == b"\x89PNG"
 
     losses = [round(s["loss"], 6) for s in steps]
     if os.environ.get("SLIME_UPDATE_GOLDEN"):
