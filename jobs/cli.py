@@ -14,6 +14,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "train": ("jobs.train:main", "train / fine-tune with Ray Train (phases from the config)"),
     "evaluate": ("jobs.evaluate:main", "evaluate a model directory on a validation set -> metrics.json"),
     "serve": ("jobs.serve:main", "run the OpenAI-compatible Ray Serve app"),
+    "explain": ("jobs.explain:main", "draw which local tokens a question keeps on an image"),
     "demo": ("jobs.demo:main", "the whole pipeline end to end on a laptop"),
     "schedule": ("jobs.schedule:main", "scheduled retraining (--cron EXPR | --once)"),
     "submit": ("jobs.submit:main", "submit a job to a Ray cluster: slime submit NAME --address URL -- ARGS"),

@@ -43,8 +43,14 @@ def _serve(cfg: ServeArgs, args: argparse.Namespace) -> None:
     import ray
     from ray import serve
 
-    ray.init(address=args.address, include_dashboard=False) if args.address else ray.init(include_dashboard=False)
+    from pipelines.console import quiet_driver_logs, quiet_ray_init_kwargs, ray_log_dir
+
+    quiet = quiet_ray_init_kwargs()
+    ray.init(address=args.address, include_dashboard=False, **quiet) if args.address else \
+        ray.init(include_dashboard=False, **quiet)
     serve.start(http_options={"host": args.host, "port": args.port})
+    quiet_driver_logs()
+    print(f"Ray logs (Serve controller, proxy, replicas): {ray_log_dir()}", flush=True)
     serve.run(build_app(cfg), name=args.name, route_prefix="/", blocking=False)
     print(f"serving {cfg.model} at http://{args.host}:{args.port}/v1 (Ctrl-C to stop)", flush=True)
     try:

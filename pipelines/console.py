@@ -47,6 +47,8 @@ def quiet_driver_logs() -> None:
     ctx.enable_operator_progress_bars = False
     ctx.print_on_execution_start = False
     ctx.enable_auto_log_stats = False
+    for handler in logging.getLogger("ray.data").handlers:  # we turned them off: no need to say so
+        handler.addFilter(lambda r: "Progress bars disabled" not in r.getMessage())
     for name in ("ray.data", "ray.serve", "ray.train", "ray.tune", "ray"):
         for handler in logging.getLogger(name).handlers:
             if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler) \
@@ -114,8 +116,8 @@ class TrainProgress:
 
     def show(self, m: dict) -> None:
         index, step, total = int(m["phase_index"]), int(m["step"]), int(m["phase_steps"])
-        now = time.perf_counter()
-        self.started.setdefault(index, now - float(m.get("step_time_s", 0.0)))
+        now = float(m.get("time", time.time()))  # when rank 0 logged the step, not when we read it
+        self.started.setdefault(index, now - float(m.get("step_time_s", 0.0)) * step)
         post = f"loss {m['loss']:.4f} {m['samples_per_s']:.1f} samples/s"
         if self.interactive:
             from tqdm import tqdm

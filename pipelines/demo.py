@@ -57,6 +57,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     import ray
     from ray import serve
 
+    from pipelines.console import quiet_driver_logs, quiet_ray_init_kwargs, ray_log_dir
     from pipelines.evaluate import EvalConfig, EvalDataSection, evaluate
     from pipelines.pack import PackConfig, pack, read_manifest
     from pipelines.registry import Registry
@@ -71,38 +72,48 @@ def run_demo(cfg: DemoConfig) -> dict:
 
     t = _step("1/6 synthesise high-detail images + LLaVA-format Q&A")
     synth = generate(SynthConfig(output_dir=str(raw), seed=cfg.seed, num_images=cfg.num_images,
-                                 min_side=cfg.min_side, max_side=cfg.max_side))
+                                 min_side=cfg.min_side, max_side=cfg.max_side, progress=False))
     timings["synth_s"] = time.perf_counter() - t
-    print(json.dumps(synth, default=str))
+    print(f"{synth['images']} images, {synth['train_records']} train + {synth['val_records']} val questions "
+          f"-> {raw}")
 
     t = _step("2/6 pack webdataset shards + manifest")
     for split in ("train", "val"):
         summary = pack(PackConfig(inputs=(str(raw / f"{split}.json"),), output_dir=str(wds / split),
-                                  max_samples_per_shard=64))
-        print(split, json.dumps(summary, default=str))
+                                  max_samples_per_shard=64, progress=False))
+        rejected = sum(summary["rejects"].values())
+        print(f"{split}: {summary['samples']} samples in {len(summary['written_shards'])} shards, {rejected} rejected "
+              f"-> {wds / split}")
     timings["pack_s"] = time.perf_counter() - t
 
     if not ray.is_initialized():
         ray.init(num_cpus=cfg.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                 runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}})
+                 runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}},
+                 **quiet_ray_init_kwargs())
+    quiet_driver_logs()
+    print(f"Ray started; full logs of every worker, Ray Data, Train and Serve: {ray_log_dir()}", flush=True)
     try:
         t = _step("3/6 train I-a -> I-b -> II -> III on Ray Train")
         steps = cfg.steps_per_phase
         base = load_config(TrainConfig, cfg.train_config, [f"name=demo-{cfg.seed}", f"storage_path={work / 'runs'}",
                                                            f"export_dir={models / 'candidate'}",
                                                            f"data.manifest={wds / 'train'}",
-                                                           f"scaling.num_workers={cfg.num_workers}"])
+                                                           f"scaling.num_workers={cfg.num_workers}",
+                                                           f"logging.every_steps={max(1, cfg.steps_per_phase // 4)}"])
         train_cfg = replace(base, phases=tuple(replace(p, steps=steps, epochs=None) for p in base.phases))
         result = train(train_cfg)
         timings["train_s"] = time.perf_counter() - t
-        print(json.dumps({k: result[k] for k in ("name", "checkpoint", "export_dir", "phases", "phase_steps")},
-                         default=str))
+        print(f"model -> {result['export_dir']}\nloss plot -> {result['loss_plot']}")
 
         t = _step("4/6 evaluate on the held-out split")
         metrics = evaluate(EvalConfig(model=str(models / "candidate"), data=EvalDataSection(val=str(wds / "val")),
                                       output=str(work / "eval" / "metrics.json")))
         timings["evaluate_s"] = time.perf_counter() - t
-        print(json.dumps({k: v for k, v in metrics.items() if k != "per_qtype"}, default=str))
+        print(f"accuracy {metrics['accuracy']:.3f} on {metrics['num_samples']} held-out questions "
+              f"({metrics['errors']} errors)")
+        for task, m in metrics["per_task"].items():
+            print(f"  {task:<16} {m['accuracy']:.3f}  (chance {m['chance']:.3f}, n={m['num_samples']})")
+        print(f"metrics -> {metrics['output']}\naccuracy plot -> {metrics['plot']}")
 
         t = _step("5/6 register + promote")
         registry = Registry(str(work / "registry"))
@@ -119,6 +130,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         t = _step("6/6 serve + one request through the official openai client")
         port = cfg.port or _free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
+        quiet_driver_logs()  # Serve configures its driver-side logger when it starts
         serve.run(build_app(ServeArgs(model=production.model_uri, model_id="slime-tiny")), name="slime",
                   route_prefix="/", blocking=False)
         val = json.loads((raw / "val.json").read_text())
@@ -136,12 +148,14 @@ def run_demo(cfg: DemoConfig) -> dict:
         print(f"Q: {question}\nA: {answer!r}   (reference: {record['conversations'][1]['value']!r})")
         print(f"usage: {json.dumps(usage)}")
     finally:
+        ray_logs = ray_log_dir()
         try:
             serve.shutdown()
         finally:
             ray.shutdown()
     summary = {"answer": answer, "usage": usage, "accuracy": metrics.get("accuracy"),
-               "metrics": str(work / "eval" / "metrics.json"), "model": production.model_uri,
+               "metrics": metrics["output"], "loss_plot": result["loss_plot"], "accuracy_plot": metrics["plot"],
+               "ray_logs": ray_logs, "model": production.model_uri,
                "registry": str(work / "registry"), "shards": str(wds), "runs": str(work / "runs"),
                "timings_s": {k: round(v, 1) for k, v in timings.items()}}
     print("\n== done\n" + json.dumps(summary, indent=2, default=str))

@@ -108,3 +108,34 @@ def plot_accuracy(metrics: dict, title: str = "evaluation") -> bytes:
         ax.legend(loc="upper right", fontsize=8)
     plt.setp(ax.get_xticklabels(), rotation=20, ha="right")
     return _png(plt, fig)
+
+
+def plot_explanation(ex) -> bytes:
+    """A ``slime.explain.Explanation``: the crop canvas with its grid, every local token's relevance as a
+    heatmap cell where the token sits, kept tokens outlined, the token budget in the title."""
+    import numpy as np
+
+    cols, rows = ex.grid
+    h, w = ex.canvas.shape[:2]
+    plt, fig = _figure(max(6.0, 6.0 * w / h), 6.4)
+    ax = fig.add_subplot(1, 1, 1)
+    ax.imshow(ex.canvas)
+    heat = ex.scores.reshape(rows * ex.q, cols * ex.q)
+    shown = ax.imshow(heat, cmap="inferno", alpha=0.45, extent=(0, w, h, 0), interpolation="nearest")
+    fig.colorbar(shown, ax=ax, fraction=0.03, pad=0.01, label="relevance to the question")
+    from matplotlib.patches import Rectangle
+
+    for i in np.asarray(ex.kept):
+        x0, y0, x1, y1 = ex.cell(int(i))
+        ax.add_patch(Rectangle((x0, y0), x1 - x0, y1 - y0, fill=False, edgecolor="cyan", linewidth=1.2))
+    for c in range(1, cols):  # the crop grid
+        ax.axvline(c * ex.tile, color="white", linewidth=2)
+    for r in range(1, rows):
+        ax.axhline(r * ex.tile, color="white", linewidth=2)
+    b = ex.budget
+    ax.set_title(f"Q: {ex.question}\nA: {ex.answer!r}   grid {cols}x{rows}, gamma {ex.gamma:g}: "
+                 f"{b['global_tokens']} global + {b['separator_tokens']} sep + {b['kept_local_tokens']}/"
+                 f"{b['local_tokens']} local kept (outlined) = {b['global_tokens'] + b['separator_tokens'] + b['kept_local_tokens']} tokens",
+                 fontsize=9)
+    ax.set_axis_off()
+    return _png(plt, fig)

@@ -62,27 +62,33 @@ class TextGuidedSelector(nn.Module):
         t = nn.functional.normalize(text.float(), dim=-1)
         return (v @ t.T).mean(dim=-1)  # [L, T] -> [L]; the paper averages (upstream sums)
 
-    def forward(self, tokens: torch.Tensor, text: torch.Tensor, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
-        """[L, D], [T, D] -> kept [K, D] in original order and valid mask [K] (K = kept_count(L, gamma))."""
+    @torch.no_grad()
+    def select(self, tokens: torch.Tensor, text: torch.Tensor, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """Which local tokens to keep: indices [K] into ``tokens`` in original order and a validity mask [K]
+        (K = kept_count(L, gamma); unused nucleus slots point at index 0 and are invalid)."""
         num_local = tokens.shape[0]
         k = kept_count(num_local, gamma, self.cfg.selection)
         s = self.scores(tokens, text)
         if self.training and self.cfg.noise_std > 0:
             s = s + self.cfg.noise_std * torch.randn_like(s)
+        ones = torch.ones(k, dtype=torch.bool, device=tokens.device)
         if text.shape[0] == 0 and not self.training:
             # Nothing to rank against (e.g. a caption prompt): keep evenly spaced tokens.
-            idx = torch.linspace(0, num_local - 1, k, device=tokens.device).round().long()
-            return tokens[idx], torch.ones(k, dtype=torch.bool, device=tokens.device)
+            return torch.linspace(0, num_local - 1, k, device=tokens.device).round().long(), ones
         if self.cfg.selection == "topk":
-            idx = s.topk(k).indices.sort().values
-            return tokens[idx], torch.ones(k, dtype=torch.bool, device=tokens.device)
+            return s.topk(k).indices.sort().values, ones
         # Upstream nucleus: keep tokens whose cumulative probability is <= gamma, plus one more.
         p = (s / self.cfg.temperature).softmax(dim=-1)
         order = p.argsort(descending=True)
         keep = int((p[order].cumsum(0) <= gamma).sum().item()) + 1
         idx = order[: min(keep, num_local)].sort().values
-        out = tokens.new_zeros(k, tokens.shape[1])
-        out[: idx.numel()] = tokens[idx]
+        out = torch.zeros(k, dtype=torch.long, device=tokens.device)
+        out[: idx.numel()] = idx
         valid = torch.zeros(k, dtype=torch.bool, device=tokens.device)
         valid[: idx.numel()] = True
         return out, valid
+
+    def forward(self, tokens: torch.Tensor, text: torch.Tensor, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
+        """[L, D], [T, D] -> kept [K, D] in original order and valid mask [K] (K = kept_count(L, gamma))."""
+        idx, valid = self.select(tokens, text, gamma)
+        return tokens[idx] * valid[:, None].to(tokens.dtype), valid

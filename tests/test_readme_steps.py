@@ -1,0 +1,89 @@
+"""The README's step-by-step block runs top to bottom as written: synth -> pack train -> pack val -> train
+-> evaluate -> explain -> tokens -> serve (+ one request through the official openai client).
+
+Two things differ from a person typing it, both outside the commands themselves: ``/tmp/slime`` is this
+test's own directory (so runs never share state), and ``slime serve`` gets a free ``--port`` instead of
+8000 and is stopped with Ctrl-C (SIGINT) once it has answered."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import re
+import shlex
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def readme_steps() -> list[str]:
+    text = (REPO / "README.md").read_text()
+    section = text.split("## Running each step", 1)[1]
+    block = section.split("```bash\n", 1)[1].split("```", 1)[0]
+    joined = block.replace("\\\n", " ")
+    return [line.split("  #", 1)[0].strip() for line in joined.splitlines() if line.strip().startswith("slime ")]
+
+
+def test_readme_block_is_the_one_machine_pipeline():
+    names = [shlex.split(c)[1] for c in readme_steps()]
+    assert names == ["synth", "pack", "pack", "train", "evaluate", "explain", "tokens", "serve"]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.slow
+@pytest.mark.integration
+def test_readme_steps_run_in_order(tmp_path):
+    import openai
+
+    root = tmp_path / "slime"
+    env = {**os.environ, "RAY_AUTH_MODE": "disabled", "SLIME_LOG_DIR": str(root / "logs"), "RAY_ADDRESS": ""}
+    slime = [sys.executable, "-m", "jobs.cli"]  # what the `slime` console script runs
+    steps = [shlex.split(c.replace("/tmp/slime", str(root))) for c in readme_steps()]
+    for argv in steps[:-1]:
+        proc = subprocess.run(slime + argv[1:], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, (argv, proc.stdout[-3000:], proc.stderr[-3000:])
+        if argv[1] == "evaluate":
+            metrics = json.loads((root / "models/tiny/eval/metrics.json").read_text())
+            assert metrics["num_samples"] > 0 and (root / "models/tiny/eval/accuracy.png").exists()
+    assert (root / "runs/tiny/logs/loss.png").exists() and (root / "explain.png").exists()
+
+    port = _free_port()
+    serve = subprocess.Popen(slime + steps[-1][1:] + ["--port", str(port)], cwd=REPO, env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        # `slime serve` prints its "serving ... at URL" line once the app is deployed: wait for that line.
+        lines = []
+        for line in serve.stdout:
+            lines.append(line)
+            if re.search(r"serving .* at http://127\.0\.0\.1:\d+/v1", line):
+                break
+        else:
+            raise AssertionError("slime serve exited before serving:\n" + "".join(lines)[-3000:])
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="x", max_retries=0, timeout=60)
+        image = next((root / "synth_tiny" / "images").iterdir())
+        url = "data:image/png;base64," + base64.b64encode(image.read_bytes()).decode()
+        if image.suffix == ".jpg":
+            url = url.replace("image/png", "image/jpeg")
+        reply = client.chat.completions.create(model="slime-tiny", max_tokens=4, messages=[{"role": "user", "content": [
+            {"type": "text", "text": "What colour is the background?"}, {"type": "image_url", "image_url": {"url": url}}]}])
+        assert reply.choices[0].message.content is not None and reply.usage.completion_tokens >= 1
+    finally:
+        serve.send_signal(signal.SIGINT)
+        try:
+            serve.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            serve.kill()
+            serve.wait()
+    assert serve.returncode == 0, serve.stdout.read()[-3000:]
