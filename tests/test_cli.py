@@ -85,7 +85,7 @@ def test_job_command_lines_live_in_one_place():
             "export_dir=/w/m name=run-1")
     assert "init_from" not in " ".join(train_args("c.yaml", None, "m", "e", "n"))
     assert eval_args("jobs/configs/eval_tiny.yaml", "/m", "/val", "/o.json") == [
-        "--config", "jobs/configs/eval_tiny.yaml", "model=/m", "data.val=/val", "output=/o.json"]
+        "--config", "jobs/configs/eval_tiny.yaml", "model=/m", "data.val=/val", "output=/o.json", "overwrite=true"]
 
 
 def test_rollout_config_keeps_every_running_app_and_swaps_only_the_model(tmp_path):
