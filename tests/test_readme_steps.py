@@ -2,8 +2,9 @@
 -> evaluate -> explain -> tokens -> serve (+ one request through the official openai client).
 
 Two things differ from a person typing it, both outside the commands themselves: ``/tmp/slime`` is this
-test's own directory (so runs never share state), and ``slime serve`` gets a free ``--port`` instead of
-8000 and is stopped with Ctrl-C (SIGINT) once it has answered."""
+test's own directory, in the commands and in copies of ``jobs/configs`` they read (so runs never share
+state), and ``slime serve`` gets a free ``--port`` instead of 8000 and is stopped with Ctrl-C (SIGINT)
+once it has answered."""
 
 from __future__ import annotations
 
@@ -50,7 +51,12 @@ def test_readme_steps_run_in_order(tmp_path):
     root = tmp_path / "slime"
     env = {**os.environ, "RAY_AUTH_MODE": "disabled", "SLIME_LOG_DIR": str(root / "logs"), "RAY_ADDRESS": ""}
     slime = [sys.executable, "-m", "jobs.cli"]  # what the `slime` console script runs
-    steps = [shlex.split(c.replace("/tmp/slime", str(root))) for c in readme_steps()]
+    configs = tmp_path / "configs"
+    configs.mkdir()
+    for f in (REPO / "jobs" / "configs").glob("*.yaml"):
+        (configs / f.name).write_text(f.read_text().replace("/tmp/slime", str(root)))
+    steps = [shlex.split(c.replace("/tmp/slime", str(root)).replace("jobs/configs/", f"{configs}/"))
+             for c in readme_steps()]
     for argv in steps[:-1]:
         proc = subprocess.run(slime + argv[1:], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, (argv, proc.stdout[-3000:], proc.stderr[-3000:])
