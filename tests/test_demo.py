@@ -31,3 +31,10 @@ def test_demo_end_to_end(tmp_path):
     logs = proc.stdout + proc.stderr
     for phase in ("I-a-global-mlp", "I-b-global-attention", "II-local", "III-joint"):
         assert f"[phase {phase}] step 3/3" in logs, phase
+    # The story of the run, not the framework's logs: few lines, each stage named, plots and logs named.
+    assert len(logs.splitlines()) <= 150, logs[-5000:]
+    assert "[A" not in logs and "Queued blocks" not in logs and "Running Dataset" not in logs
+    for stage in range(1, 7):
+        assert f"== {stage}/6 " in logs
+    assert Path(summary["loss_plot"]).read_bytes()[:4] == Path(summary["accuracy_plot"]).read_bytes()[:4] == b"\x89PNG"
+    assert Path(summary["ray_logs"]).is_dir() and summary["ray_logs"] in logs
