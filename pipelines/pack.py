@@ -317,7 +317,7 @@ def pack(cfg: PackConfig) -> dict:
 
     with tempfile.TemporaryDirectory(prefix="slime-pack-") as tmpdir, \
             cf.ThreadPoolExecutor(max(1, cfg.num_threads)) as pool, \
-            tqdm(desc=f"pack v{version}", unit="rec", disable=not cfg.progress) as bar:
+            tqdm(desc=f"pack v{version}", unit="rec", disable=None if cfg.progress else True) as bar:
         writer = _ShardWriter(cfg, version, tmpdir)
         pending: collections.deque = collections.deque()
         for src, data, _ in todo:
