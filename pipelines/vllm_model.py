@@ -94,7 +94,8 @@ class SlimeDummyInputsBuilder(BaseDummyInputsBuilder[SlimeProcessingInfo]):
 
 def derive_instruction_ids(prompt: list[int], cfg: ModelConfig, tokenizer, image_token_id: int) -> list[int]:
     """For prompts that arrive without ``instruction_ids``: the ids after ``<image>`` (and the newline
-    the template puts after it) up to the generation header that ends the prompt."""
+    the template puts after it) up to what the template writes after a question (end of turn and
+    generation header)."""
     if image_token_id not in prompt:
         return []
     start = prompt.index(image_token_id) + 1
@@ -103,8 +104,10 @@ def derive_instruction_ids(prompt: list[int], cfg: ModelConfig, tokenizer, image
     newline = tokenizer("\n", add_special_tokens=False)["input_ids"]
     if prompt[start:start + len(newline)] == newline:
         start += len(newline)
-    header = render(cfg.template, [{"role": "user", "content": "x"}], for_generation=True)[-1].text
-    tail = tokenizer(header, add_special_tokens=False)["input_ids"] if cfg.template != "plain" else []
+    # What the template writes after the question (end of turn, generation header), token by token.
+    segments = render(cfg.template, [{"role": "user", "content": IMAGE + "\nx"}], for_generation=True)
+    last = max((i for i, seg in enumerate(segments) if seg.instruction), default=len(segments) - 1)
+    tail = [i for seg in segments[last + 1:] for i in tokenizer(seg.text, add_special_tokens=False)["input_ids"]]
     end = len(prompt) - len(tail) if tail and prompt[-len(tail):] == tail else len(prompt)
     return list(prompt[start:max(start, end)])
 
