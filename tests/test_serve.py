@@ -15,6 +15,7 @@ from PIL import Image
 pytestmark = pytest.mark.integration
 
 APP, DEPLOYMENT, KEY, MODEL_ID = "slime-test", "SlimeServer", "test-key", "slime-tiny"
+ENGINE = "vllm"  # the served engine; the HF Predictor path is held to the same contract in test_serve_hf.py
 
 
 def png_url(w: int = 64, h: int = 48) -> str:
@@ -33,14 +34,15 @@ def image_part(url: str) -> dict:
 
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory):
-    from slime.presets import save_tiny_checkpoint
+    from slime.presets import save_tiny_checkpoint, tiny_vllm
 
     root = tmp_path_factory.mktemp("serve_models")
-    return str(save_tiny_checkpoint(root / "v1", seed=0)), str(save_tiny_checkpoint(root / "v2", seed=1))
+    return (str(save_tiny_checkpoint(root / "v1", seed=0, cfg=tiny_vllm())),
+            str(save_tiny_checkpoint(root / "v2", seed=1, cfg=tiny_vllm())))
 
 
 def serve_args(model: str) -> dict:
-    return dict(model=model, model_id=MODEL_ID, api_key=KEY, num_cpus=0.25, max_ongoing_requests=8,
+    return dict(model=model, model_id=MODEL_ID, api_key=KEY, num_cpus=0.25, max_ongoing_requests=8, engine=ENGINE,
                 max_batch_size=4, batch_wait_timeout_s=0.05, max_image_pixels=500_000, max_tokens=64,
                 autoscaling=dict(min_replicas=1, max_replicas=2, target_ongoing_requests=2, upscale_delay_s=1,
                                  downscale_delay_s=3, look_back_period_s=2, metrics_interval_s=0.5))
@@ -195,7 +197,9 @@ BAD = [  # (name, body or raw bytes, extra headers, status, param, code)
     ("gamma type", chat("x", gamma="half"), {}, 400, "gamma", "invalid_value"),
     ("gamma range", chat("x", gamma=0), {}, 400, "gamma", "invalid_value"),
     ("temperature type", chat("x", temperature="warm"), {}, 400, "temperature", "invalid_value"),
-    ("n", chat("x", n=3), {}, 400, "n", "unsupported_value"),
+    ("n over the limit", chat("x", n=99), {}, 400, "n", "invalid_value"),
+    ("unsupported field", chat("x", tools=[{"type": "function", "function": {"name": "f"}}]), {}, 400, "tools",
+     "unsupported_parameter"),
     ("unknown model", {**chat("x"), "model": "gpt-9"}, {}, 404, "model", "model_not_found"),
     ("missing key", chat("x"), {"Authorization": ""}, 401, None, "invalid_api_key"),
     ("wrong key", chat("x"), {"Authorization": "Bearer nope"}, 401, None, "invalid_api_key"),
