@@ -76,12 +76,18 @@ def engine_kwargs(uri: str, *, visual_mode: VisualMode = "both", enforce_eager: 
                   max_num_seqs: int = 16, prefix_caching: bool = True, **overrides) -> dict:
     """EngineArgs for ``uri``. ``enforce_eager`` (default) skips torch.compile: starts take about half
     as long on CPU, and tiny models gain nothing from compilation."""
+    from vllm.config import StructuredOutputsConfig
+
     local = Path(local_copy(str(uri))).resolve()
     cfg = load_config(local)
     return dict(model=str(model_dir(uri, visual_mode)), dtype=cfg.dtype,
                 max_model_len=cfg.llm.max_position, enforce_eager=enforce_eager, max_num_seqs=max_num_seqs,
                 enable_prefix_caching=prefix_caching, limit_mm_per_prompt={"image": 1}, seed=0,
-                disable_log_stats=True, **overrides)
+                disable_log_stats=True,
+                # JSON output without free whitespace (engine-wide in vLLM): otherwise a small model can
+                # spend all of max_tokens on blanks inside an object.
+                structured_outputs_config=StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True),
+                **overrides)
 
 
 class VllmChat:
