@@ -72,6 +72,47 @@ def model_dir(uri: str, visual_mode: VisualMode = "both", cache_root: str | None
     return out
 
 
+def vllm_unsupported(uri: str) -> str | None:
+    """Why vLLM cannot run the checkpoint at ``uri`` on this machine, or None if it can. ``auto``
+    engine choices (serving, evaluation) use it to fall back to the HF Predictor, and say so."""
+    import fsspec
+    import yaml
+
+    from slime.config import ModelConfig, from_dict
+
+    def read(name: str) -> str:  # two small files, not a copy of the weights (s3:// models)
+        with fsspec.open(f"{str(uri).rstrip('/')}/{name}", "r") as f:
+            return f.read()
+
+    cfg = from_dict(ModelConfig, yaml.safe_load(read("slime_config.yaml")))
+    if cfg.local.selection != "topk":
+        return f"local.selection={cfg.local.selection!r} masks tokens out of attention, which vLLM cannot"
+    text = json.loads(read("llm_config.json"))
+    head = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+        sizes = CPUAttentionBackend.get_supported_head_sizes()
+        if head not in sizes:
+            return f"vLLM's CPU attention takes head sizes {sizes}; this model's is {head}"
+    return None
+
+
+def resolve_engine(engine: str, uri: str) -> str:
+    """``auto`` -> ``vllm`` when vLLM can run the model here, else ``hf`` (with a logged reason)."""
+    if engine != "auto":
+        return engine
+    reason = vllm_unsupported(uri)
+    if reason:
+        import logging
+
+        logging.getLogger(__name__).warning("serving %s on the HF Predictor, not vLLM: %s", uri, reason)
+        return "hf"
+    return "vllm"
+
+
 def engine_kwargs(uri: str, *, visual_mode: VisualMode = "both", enforce_eager: bool = True,
                   max_num_seqs: int = 16, prefix_caching: bool = True, **overrides) -> dict:
     """EngineArgs for ``uri``. ``enforce_eager`` (default) skips torch.compile: starts take about half
@@ -150,3 +191,28 @@ def async_engine(uri: str, **kwargs):
     from vllm.v1.engine.async_llm import AsyncLLM
 
     return AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs(uri, **kwargs)))
+
+
+class OfflineVllm:
+    """Batch generation on a ``vllm.LLM`` with the Predictor's interface (``encode`` validates one
+    request, ``generate`` answers many): Ray Data batch inference and evaluation run on the engine the
+    endpoint serves."""
+
+    def __init__(self, uri: str, *, limits: PredictorLimits | None = None, mode: VisualMode = "both",
+                 **engine_overrides) -> None:
+        self.chat = VllmChat(uri, limits=limits, mode=mode)
+        self.cfg, self.processor = self.chat.cfg, self.chat.encoder.processor
+        self.llm = offline_engine(uri, visual_mode=mode, **engine_overrides)
+
+    def encode(self, req: ChatRequest) -> dict:
+        return self.chat.prompt(req)[1]
+
+    def generate(self, reqs: list[ChatRequest]) -> list[ChatResult]:
+        import time
+
+        start = time.perf_counter()
+        prompts, infos = zip(*(self.chat.prompt(r) for r in reqs))
+        params = [self.chat.sampling_params(r, i) for r, i in zip(reqs, infos)]
+        outs = self.llm.generate(list(prompts), params, use_tqdm=False)
+        latency = time.perf_counter() - start
+        return [self.chat.result(o.outputs[0], i, latency) for o, i in zip(outs, infos)]

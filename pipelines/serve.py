@@ -1,6 +1,7 @@
-"""Ray Serve app: an OpenAI-compatible ``/v1/chat/completions`` on the vLLM engine (``engine="vllm"``,
-the default: ``pipelines.serve_vllm``) or on one HF ``Predictor`` (``engine="hf"``, the reference path,
-described here; it has no ``n`` > 1, ``logprobs`` or ``response_format``).
+"""Ray Serve app: an OpenAI-compatible ``/v1/chat/completions`` on the vLLM engine (``engine="vllm"``:
+``pipelines.serve_vllm``) or on one HF ``Predictor`` (``engine="hf"``, the reference path, described
+here; it has no ``n`` > 1, ``logprobs`` or ``response_format``). ``engine="auto"`` (default) is vllm
+whenever vLLM can run the model on this machine.
 
 ``build_app(ServeArgs | dict)`` is the only way to make the app (``serve run``/``serve deploy`` use
 ``import_path: pipelines.serve:build_app`` with ``args``). One FastAPI ingress deployment per replica:
@@ -71,9 +72,12 @@ class AutoscalingArgs:
 class ServeArgs:
     model: str  # checkpoint dir or s3:// URI (self-describing: config + weights + tokenizer)
     model_id: str | None = None  # name clients send as "model"; default: the checkpoint's model_id
-    engine: Literal["vllm", "hf"] = "vllm"  # hf = the plain-PyTorch Predictor (the reference path)
+    # auto = vllm when vLLM runs the model on this machine (pipelines.engine.vllm_unsupported), else hf,
+    # the plain-PyTorch Predictor (the reference path). Resolved once, in build_app.
+    engine: Literal["auto", "vllm", "hf"] = "auto"
     enforce_eager: bool = True  # vllm: no torch.compile (starts in ~20 s instead of ~55 s on 2 cores)
     max_num_seqs: int = 16  # vllm: sequences decoded together per engine step
+    tensor_parallel_size: int = 1  # vllm: GPUs per engine (13B+); give the replica as many num_gpus
     max_n: int = 8  # choices per request (vllm)
     device: str = "cpu"
     dtype: str | None = None  # default: the checkpoint's dtype
@@ -141,6 +145,17 @@ async def _on_http(request: Request, exc: HTTPException) -> JSONResponse:  # 404
     return JSONResponse(oai.error_body(str(exc.detail), code=str(exc.status_code)), status_code=exc.status_code)
 
 
+def authorize(request: Request, key: str | None) -> None:
+    """Bearer-token check (constant-time); no key configured = no auth."""
+    if not key:
+        return
+    header = request.headers.get("authorization", "")
+    scheme, _, given = header.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key.encode()):
+        raise InputError("missing or invalid API key (send Authorization: Bearer <key>)", code="invalid_api_key",
+                         status=401)
+
+
 @serve.deployment(name="SlimeServer", health_check_period_s=5)
 @serve.ingress(api)
 class SlimeServer:
@@ -183,7 +198,7 @@ class SlimeServer:
     async def healthz(self) -> JSONResponse:
         if not self._ready:
             return JSONResponse({"status": "loading"}, status_code=503)
-        return JSONResponse({"status": "ok", "model": self.model_id, "fingerprint": self.fingerprint})
+        return JSONResponse({"status": "ok", "model": self.model_id, "fingerprint": self.fingerprint, "engine": "hf"})
 
     @api.get("/v1/models")
     async def models(self, request: Request) -> JSONResponse:
@@ -306,17 +321,6 @@ class SlimeServer:
         authorize(request, self.args.api_key)
 
 
-def authorize(request: Request, key: str | None) -> None:
-    """Bearer-token check (constant-time); no key configured = no auth."""
-    if not key:
-        return
-    header = request.headers.get("authorization", "")
-    scheme, _, given = header.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key.encode()):
-        raise InputError("missing or invalid API key (send Authorization: Bearer <key>)", code="invalid_api_key",
-                         status=401)
-
-
 def build_app(args: ServeArgs | dict) -> Application:
     """Typed builder for ``serve.run``, ``serve run pipelines.serve:build_app`` and ``serve deploy``."""
     if isinstance(args, dict):
@@ -330,7 +334,10 @@ def build_app(args: ServeArgs | dict) -> Application:
                     if k not in ("autoscaling", "num_cpus", "num_gpus", "max_ongoing_requests", "max_batch_size",
                                  "batch_wait_timeout_s", "max_surge_percent")}
     replica_args["allowed_url_schemes"] = list(args.allowed_url_schemes)
-    if args.engine == "vllm":
+    from pipelines.engine import resolve_engine
+
+    replica_args["engine"] = resolve_engine(args.engine, args.model)
+    if replica_args["engine"] == "vllm":
         from pipelines.serve_vllm import VllmServer
 
         # Continuous batching replaces @serve.batch: no batching user_config to reconfigure.

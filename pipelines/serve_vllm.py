@@ -83,7 +83,8 @@ class VllmServer:
         self.model_id = a.model_id or a.model.rstrip("/").rsplit("/", 1)[-1]
         self.fingerprint = "fp_" + hashlib.sha256(a.model.encode()).hexdigest()[:12]
         start = time.perf_counter()
-        self.engine = async_engine(a.model, enforce_eager=a.enforce_eager, max_num_seqs=a.max_num_seqs)
+        self.engine = async_engine(a.model, enforce_eager=a.enforce_eager, max_num_seqs=a.max_num_seqs,
+                                   tensor_parallel_size=a.tensor_parallel_size)
         # Warm-up: /healthz turns 200 only after one real generation (lazy init paid here).
         await self._final(ChatRequest(messages=[{"role": "user", "content": "hi"}], max_tokens=1), 1, None, None)
         self.engine_start_s = time.perf_counter() - start
