@@ -26,6 +26,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
+from ray.serve.metrics import Counter, Histogram
 from starlette.exceptions import HTTPException
 
 from pipelines import serve_api as oai
@@ -82,6 +83,10 @@ class VllmServer:
         self.chat = VllmChat(a.model, limits=limits)
         self.model_id = a.model_id or a.model.rstrip("/").rsplit("/", 1)[-1]
         self.fingerprint = "fp_" + hashlib.sha256(a.model.encode()).hexdigest()[:12]
+        self.m_requests = Counter("slime_requests", "chat requests by HTTP status", tag_keys=("status",))
+        self.m_latency = Histogram("slime_request_latency_s", "chat request latency (s)",
+                                   boundaries=[0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60])
+        self.m_visual = Counter("slime_visual_tokens", "visual tokens processed")
         start = time.perf_counter()
         self.engine = async_engine(a.model, enforce_eager=a.enforce_eager, max_num_seqs=a.max_num_seqs,
                                    tensor_parallel_size=a.tensor_parallel_size)
@@ -119,6 +124,7 @@ class VllmServer:
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
+        start, status = time.perf_counter(), 500
         try:
             authorize(request, self.args.api_key)
             parsed = oai.to_chat(oai.parse_body(await request.body(), self.limits), self.limits)
@@ -128,11 +134,20 @@ class VllmServer:
             images = [await asyncio.to_thread(oai.load_image, url, self.limits, param) for url, param in parsed.images]
             req = ChatRequest(**{**parsed.chat, "images": images})
             if parsed.stream:
-                return await self._stream(req, parsed.include_usage, parsed.logprobs)
+                response = await self._stream(req, parsed.include_usage, parsed.logprobs)
+                status = 200
+                return response
             usage, choices = await self._final(req, parsed.n, parsed.logprobs, parsed.response_format)
+            if usage.visual_tokens:  # ray.util.metrics Counter.inc rejects 0
+                self.m_visual.inc(usage.visual_tokens)
+            status = 200
             return JSONResponse(oai.completion_body(oai.new_id(), self.model_id, usage, self.fingerprint, choices))
         except InputError as e:
+            status = e.status
             return _error(e)
+        finally:
+            self.m_requests.inc(tags={"status": str(status)})
+            self.m_latency.observe(time.perf_counter() - start)
 
     # ------------------------------------------------------------------ engine calls
 
