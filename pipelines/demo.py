@@ -65,6 +65,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     from pipelines.synth import SynthConfig, generate
     from pipelines.train import train
     from pipelines.train_config import TrainConfig
+    from slime.presets import save_tiny_checkpoint, tiny_vllm
 
     work = Path(cfg.workdir).resolve()
     raw, wds, models = work / "raw", work / "wds", work / "models"
@@ -95,7 +96,11 @@ def run_demo(cfg: DemoConfig) -> dict:
     try:
         t = _step("3/6 train I-a -> I-b -> II -> III on Ray Train")
         steps = cfg.steps_per_phase
+        # vLLM's CPU attention takes heads of 32 or more: the tiny model starts with 2 heads of 32, so
+        # evaluation and serving below run on vLLM (the phase schedule is the recipe's own).
+        init = save_tiny_checkpoint(work / "init_model", seed=cfg.seed, cfg=tiny_vllm())
         base = load_config(TrainConfig, cfg.train_config, [f"name=demo-{cfg.seed}", f"storage_path={work / 'runs'}",
+                                                           f"init_from={init}",
                                                            f"export_dir={models / 'candidate'}",
                                                            f"data.manifest={wds / 'train'}",
                                                            f"scaling.num_workers={cfg.num_workers}",

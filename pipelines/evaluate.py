@@ -1,11 +1,14 @@
-"""Evaluation: batched greedy generation over held-out shards with the serving Predictor, in Ray Data.
+"""Evaluation: batched greedy generation over held-out shards on the serving engine, in Ray Data.
 
     shards (manifest / dir / tars, local or s3://) -> ShardReader (raw bytes) ->
     map_batches(EvalPredictor, actor pool) -> rows {id, qtype, reference, prediction, ...} -> metrics.json
 
 A record's question is its conversation without the final gpt turn; the reference is that final turn.
-The actor decodes the image and calls ``slime.predictor.Predictor.generate`` -- the same object Ray
-Serve runs, so evaluation and serving cannot disagree on templates, tiling or decoding.
+The actor decodes the image and generates on the engine Ray Serve runs: ``engine="vllm"`` a ``vllm.LLM``
+per actor (``pipelines.engine.OfflineVllm``), ``engine="hf"`` the reference ``Predictor``, ``auto``
+(default) vllm wherever vLLM runs the model (``metrics.json`` records which one ran).
+Both encode through ``ChatEncoder``, so evaluation and serving cannot disagree on templates, tiling or
+decoding, and the vLLM numbers are the ones the endpoint would produce.
 
 Metrics: exact match (string equality after stripping whitespace) and normalised accuracy (lowercase,
 punctuation and the articles a/an/the removed, whitespace collapsed), overall and per ``qtype``;
@@ -22,6 +25,7 @@ import sys
 import string
 import time
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
 
@@ -51,6 +55,7 @@ class EvalConfig:
     max_tokens: int = 16
     gamma: float | None = None  # local keep ratio at inference; None = the model's
     mode: VisualMode = "both"  # visual tokens fed at inference (global-only models: "global")
+    engine: Literal["auto", "vllm", "hf"] = "auto"  # as ServeArgs.engine: auto = vllm where vLLM runs the model
     prompt_suffix: str = ""  # e.g. "\nAnswer the question using a single word or phrase."
     batch_size: int = 8
     num_actors: int = 1
@@ -81,13 +86,18 @@ def split_record(record: dict) -> tuple[list[dict], str]:
 
 
 class EvalPredictor:
-    """Ray Data callable class: one Predictor per actor, loaded once."""
+    """Ray Data callable class: one engine per actor (vLLM or the HF Predictor), loaded once."""
 
     def __init__(self, *, model: str, max_tokens: int, gamma: float | None, prompt_suffix: str, device: str,
-                 dtype: str | None, mode: str = "both") -> None:
-        from slime.predictor import Predictor
+                 dtype: str | None, mode: str = "both", engine: str = "vllm") -> None:
+        if engine == "vllm":
+            from pipelines.engine import OfflineVllm
 
-        self.predictor = Predictor.load(model, device=device, dtype=dtype, mode=mode)
+            self.predictor = OfflineVllm(model, mode=mode, **({"dtype": dtype} if dtype else {}))
+        else:
+            from slime.predictor import Predictor
+
+            self.predictor = Predictor.load(model, device=device, dtype=dtype, mode=mode)
         self.max_tokens, self.gamma, self.suffix = max_tokens, gamma, prompt_suffix
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -167,14 +177,17 @@ def evaluate(cfg: EvalConfig) -> dict:
                                   num_cpus=cfg.read_num_cpus)
     if cfg.data.limit:
         ds = ds.limit(cfg.data.limit)
+    from pipelines.engine import resolve_engine
+
+    engine = resolve_engine(cfg.engine, cfg.model)
     ds = ds.map_batches(EvalPredictor, fn_constructor_kwargs=dict(
         model=cfg.model, max_tokens=cfg.max_tokens, gamma=cfg.gamma, mode=cfg.mode, prompt_suffix=cfg.prompt_suffix,
-        device=cfg.device, dtype=cfg.dtype), compute=ActorPoolStrategy(size=cfg.num_actors),
+        device=cfg.device, dtype=cfg.dtype, engine=engine), compute=ActorPoolStrategy(size=cfg.num_actors),
         batch_size=cfg.batch_size, num_cpus=cfg.actor_num_cpus, num_gpus=cfg.actor_num_gpus, batch_format="numpy")
     ds.context.execution_options.preserve_order = cfg.preserve_order
     rows = [{k: v.item() if hasattr(v, "item") else v for k, v in r.items()} for r in ds.take_all()]
     wall = time.perf_counter() - start
-    metrics = {"model": cfg.model, "data": cfg.data.val, **summarize(rows), "wall_s": wall,
+    metrics = {"model": cfg.model, "data": cfg.data.val, "engine": engine, **summarize(rows), "wall_s": wall,
                "samples_per_s": len(rows) / wall if wall else 0.0}
     if storage.exists(output, cfg.storage):
         print(f"evaluate: replacing the earlier result at {output} (overwrite=true)", file=sys.stderr)

@@ -1,4 +1,7 @@
-"""Ray Serve app: an OpenAI-compatible ``/v1/chat/completions`` in front of one ``Predictor``.
+"""Ray Serve app: an OpenAI-compatible ``/v1/chat/completions`` on the vLLM engine (``engine="vllm"``:
+``pipelines.serve_vllm``) or on one HF ``Predictor`` (``engine="hf"``, the reference path, described
+here; it has no ``n`` > 1, ``logprobs`` or ``response_format``). ``engine="auto"`` (default) is vllm
+whenever vLLM can run the model on this machine.
 
 ``build_app(ServeArgs | dict)`` is the only way to make the app (``serve run``/``serve deploy`` use
 ``import_path: pipelines.serve:build_app`` with ``args``). One FastAPI ingress deployment per replica:
@@ -27,6 +30,7 @@ import os
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from typing import Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -68,6 +72,13 @@ class AutoscalingArgs:
 class ServeArgs:
     model: str  # checkpoint dir or s3:// URI (self-describing: config + weights + tokenizer)
     model_id: str | None = None  # name clients send as "model"; default: the checkpoint's model_id
+    # auto = vllm when vLLM runs the model on this machine (pipelines.engine.vllm_unsupported), else hf,
+    # the plain-PyTorch Predictor (the reference path). Resolved once, in build_app.
+    engine: Literal["auto", "vllm", "hf"] = "auto"
+    enforce_eager: bool = True  # vllm: no torch.compile (starts in ~20 s instead of ~55 s on 2 cores)
+    max_num_seqs: int = 16  # vllm: sequences decoded together per engine step
+    tensor_parallel_size: int = 1  # vllm: GPUs per engine (13B+); give the replica as many num_gpus
+    max_n: int = 8  # choices per request (vllm)
     device: str = "cpu"
     dtype: str | None = None  # default: the checkpoint's dtype
     num_cpus: float = 0.5
@@ -106,7 +117,7 @@ class ServeArgs:
     def limits(self) -> oai.Limits:
         return oai.Limits(max_images_per_request=self.max_images_per_request, max_image_pixels=self.max_image_pixels,
                           max_image_bytes=self.max_image_bytes, max_tokens=self.max_tokens,
-                          allowed_url_schemes=tuple(self.allowed_url_schemes))
+                          allowed_url_schemes=tuple(self.allowed_url_schemes), max_n=self.max_n)
 
 
 # --------------------------------------------------------------------------- FastAPI app + error bodies
@@ -132,6 +143,17 @@ async def _on_input(request: Request, exc: InputError) -> JSONResponse:
 @api.exception_handler(HTTPException)
 async def _on_http(request: Request, exc: HTTPException) -> JSONResponse:  # 404/405 in the same shape
     return JSONResponse(oai.error_body(str(exc.detail), code=str(exc.status_code)), status_code=exc.status_code)
+
+
+def authorize(request: Request, key: str | None) -> None:
+    """Bearer-token check (constant-time); no key configured = no auth."""
+    if not key:
+        return
+    header = request.headers.get("authorization", "")
+    scheme, _, given = header.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key.encode()):
+        raise InputError("missing or invalid API key (send Authorization: Bearer <key>)", code="invalid_api_key",
+                         status=401)
 
 
 @serve.deployment(name="SlimeServer", health_check_period_s=5)
@@ -176,7 +198,7 @@ class SlimeServer:
     async def healthz(self) -> JSONResponse:
         if not self._ready:
             return JSONResponse({"status": "loading"}, status_code=503)
-        return JSONResponse({"status": "ok", "model": self.model_id, "fingerprint": self.fingerprint})
+        return JSONResponse({"status": "ok", "model": self.model_id, "fingerprint": self.fingerprint, "engine": "hf"})
 
     @api.get("/v1/models")
     async def models(self, request: Request) -> JSONResponse:
@@ -195,6 +217,11 @@ class SlimeServer:
                                  param="model", code="model_not_found", status=404)
             images = [await asyncio.to_thread(oai.load_image, url, self.limits, param) for url, param in parsed.images]
             req = ChatRequest(**{**parsed.chat, "images": images})
+            for name, used in (("n", parsed.n > 1), ("logprobs", parsed.logprobs is not None),
+                               ("response_format", parsed.response_format is not None)):
+                if used:
+                    raise InputError(f"{name} is not supported by the hf engine (serve with engine='vllm')",
+                                     param=name, code="unsupported_value")
             if parsed.stream:
                 response = await self._stream(req, parsed.include_usage)
                 status = 200
@@ -291,14 +318,7 @@ class SlimeServer:
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     def _authorize(self, request: Request) -> None:
-        key = self.args.api_key
-        if not key:
-            return
-        header = request.headers.get("authorization", "")
-        scheme, _, given = header.partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key.encode()):
-            raise InputError("missing or invalid API key (send Authorization: Bearer <key>)", code="invalid_api_key",
-                             status=401)
+        authorize(request, self.args.api_key)
 
 
 def build_app(args: ServeArgs | dict) -> Application:
@@ -314,6 +334,17 @@ def build_app(args: ServeArgs | dict) -> Application:
                     if k not in ("autoscaling", "num_cpus", "num_gpus", "max_ongoing_requests", "max_batch_size",
                                  "batch_wait_timeout_s", "max_surge_percent")}
     replica_args["allowed_url_schemes"] = list(args.allowed_url_schemes)
+    from pipelines.engine import resolve_engine
+
+    replica_args["engine"] = resolve_engine(args.engine, args.model)
+    if replica_args["engine"] == "vllm":
+        from pipelines.serve_vllm import VllmServer
+
+        # Continuous batching replaces @serve.batch: no batching user_config to reconfigure.
+        return VllmServer.options(ray_actor_options={"num_cpus": args.num_cpus, "num_gpus": args.num_gpus},
+                                  max_ongoing_requests=args.max_ongoing_requests,
+                                  autoscaling_config=dataclasses.asdict(a),
+                                  max_surge_percent=args.max_surge_percent).bind(replica_args)
     return SlimeServer.options(
         ray_actor_options={"num_cpus": args.num_cpus, "num_gpus": args.num_gpus},
         max_ongoing_requests=args.max_ongoing_requests,

@@ -52,11 +52,28 @@ class StreamOptions(BaseModel):
     include_usage: bool = False
 
 
-class ChatCompletionRequest(BaseModel):
-    """The OpenAI fields we honour, plus ``gamma`` (kept local-token fraction). Unknown fields are
-    ignored, as OpenAI-compatible servers do, so newer clients keep working."""
+class JSONSchemaFormat(BaseModel):
+    name: str | None = None
+    schema_: dict[str, Any] = Field(alias="schema")
+    strict: bool | None = None
+    description: str | None = None
 
-    model_config = ConfigDict(extra="ignore")
+
+class ResponseFormat(BaseModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JSONSchemaFormat | None = None
+
+
+# Fields a client may send that change nothing about the answer: accepted and ignored.
+IGNORED_FIELDS = frozenset({"user", "metadata", "store", "service_tier"})
+
+
+class ChatCompletionRequest(BaseModel):
+    """The OpenAI fields we honour, plus ``gamma`` (kept local-token fraction). Any other field
+    (``tools``, ``logit_bias``, ...) is a 400 naming it: silently ignoring it would hand the client an
+    answer to a different request than the one it sent."""
+
+    model_config = ConfigDict(extra="allow", populate_by_name=True)
 
     model: str | None = None
     messages: list[ChatMessage]
@@ -70,6 +87,9 @@ class ChatCompletionRequest(BaseModel):
     stream: Annotated[bool, Field(strict=True)] = False
     stream_options: StreamOptions | None = None
     gamma: Annotated[StrictNum, Field(gt=0.0, le=1.0)] | None = None
+    logprobs: Annotated[bool, Field(strict=True)] | None = None
+    top_logprobs: Annotated[int, Field(strict=True, ge=0, le=20)] | None = None
+    response_format: ResponseFormat | None = None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -83,6 +103,7 @@ class Limits:
     max_tokens: int = 1024  # cap on max_tokens / max_completion_tokens
     default_max_tokens: int = 64
     allowed_url_schemes: tuple[str, ...] = ("data",)
+    max_n: int = 8  # choices per request
 
 
 @dataclass
@@ -94,6 +115,11 @@ class ParsedChat:
     stream: bool
     include_usage: bool
     images: list[tuple[str, str]] = field(default_factory=list)  # (url, param)
+    # Engine options beyond ChatRequest: n, logprobs (None or the number of top alternatives), and
+    # response_format as ("json_object", None) / ("json_schema", schema) / None.
+    n: int = 1
+    logprobs: int | None = None
+    response_format: tuple[str, dict | None] | None = None
 
 
 # --------------------------------------------------------------------------- errors
@@ -151,8 +177,25 @@ def to_chat(req: ChatCompletionRequest, limits: Limits) -> ParsedChat:
     """Check everything that needs no model and flatten content parts into the predictor's messages
     (text with one ``<image>`` placeholder per image part). Images are only collected as URLs here;
     ``load_image`` fetches and decodes them."""
-    if req.n not in (None, 1):
-        raise InputError("only n=1 is supported", param="n", code="unsupported_value")
+    extra = sorted(set(req.model_extra or {}) - IGNORED_FIELDS)
+    if extra:
+        raise InputError(f"{extra[0]} is not supported by this server", param=extra[0], code="unsupported_parameter")
+    n = 1 if req.n is None else req.n
+    if not 1 <= n <= limits.max_n:
+        raise InputError(f"n must be between 1 and {limits.max_n}, got {n}", param="n", code="invalid_value")
+    if n > 1 and req.stream:
+        raise InputError("n > 1 is not supported with stream=true", param="n", code="unsupported_value")
+    if req.top_logprobs is not None and not req.logprobs:
+        raise InputError("top_logprobs needs logprobs=true", param="top_logprobs", code="invalid_value")
+    fmt = None
+    if req.response_format is not None and req.response_format.type != "text":
+        if req.response_format.type == "json_schema":
+            if req.response_format.json_schema is None:
+                raise InputError("response_format.json_schema is required for type json_schema",
+                                 param="response_format.json_schema", code="missing_required_parameter")
+            fmt = ("json_schema", req.response_format.json_schema.schema_)
+        else:
+            fmt = ("json_object", None)
     if not req.messages:
         raise InputError("messages must be a non-empty list", param="messages", code="invalid_messages")
     messages, urls = [], []
@@ -207,7 +250,8 @@ def to_chat(req: ChatCompletionRequest, limits: Limits) -> ParsedChat:
                 top_p=1.0 if req.top_p is None else float(req.top_p), stop=stop, seed=req.seed,
                 gamma=None if req.gamma is None else float(req.gamma))
     include_usage = bool(req.stream_options and req.stream_options.include_usage)
-    return ParsedChat(chat=chat, model=req.model, stream=req.stream, include_usage=include_usage, images=urls)
+    return ParsedChat(chat=chat, model=req.model, stream=req.stream, include_usage=include_usage, images=urls, n=n,
+                      logprobs=(req.top_logprobs or 0) if req.logprobs else None, response_format=fmt)
 
 
 # --------------------------------------------------------------------------- images
@@ -285,12 +329,18 @@ def usage(result: Any) -> dict:
             "visual_tokens": result.visual_tokens}
 
 
-def completion_body(rid: str, model: str, result: Any, fingerprint: str | None = None) -> dict:
-    return {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
+def completion_body(rid: str, model: str, result: Any, fingerprint: str | None = None,
+                    choices: list | None = None) -> dict:
+    """``result`` carries the usage; ``choices`` (default ``[result]``) are the n answers, each with an
+    optional ``logprobs`` attribute already in OpenAI's ``{"content": [...]}`` shape."""
+    choices = choices or [result]
+    body = {"id": rid, "object": "chat.completion", "created": int(time.time()), "model": model,
             "system_fingerprint": fingerprint,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": result.text},
-                         "finish_reason": result.finish_reason, "logprobs": None}],
+            "choices": [{"index": i, "message": {"role": "assistant", "content": c.text},
+                         "finish_reason": c.finish_reason, "logprobs": getattr(c, "logprobs", None)}
+                        for i, c in enumerate(choices)],
             "usage": usage(result)}
+    return body
 
 
 def chunk(rid: str, model: str, created: int, delta: dict, finish_reason: str | None = None,

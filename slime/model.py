@@ -184,6 +184,28 @@ def set_trainable(model: nn.Module, prefixes: list[str] | tuple[str, ...]) -> li
     return names
 
 
+def build_visual_parts(cfg: ModelConfig, llm_width: int, vision_hf_config: dict | None = None,
+                       vision: nn.Module | None = None) -> dict[str, nn.Module]:
+    """Every SlimeModel part except the LLM, for an LLM of width ``llm_width``: the keyword arguments
+    ``SlimeModel`` takes (vision, connector, projector, global_adapter, compressor, selector). Serving
+    engines that bring their own LLM implementation (the vLLM adapter) build these and nothing else."""
+    from slime.vision import build_vision_tower
+
+    vision = vision if vision is not None else build_vision_tower(cfg.vision, vision_hf_config)
+    connector = DenseConnector(cfg.connector, cfg.vision)
+    din = connector.out_dim
+    projector = MLPProjector(din, llm_width)
+    global_adapter = None
+    if cfg.global_branch.kind == "moa":
+        # One query per global token, placed where that token sits: the gate mixes like with like.
+        resampler = Resampler(connector.num_tokens, din, cfg.global_branch.num_heads, connector.positions,
+                              query_pos=connector.positions)
+        global_adapter = MixtureOfAdapters(resampler, din, cfg.global_branch.gate_noise)
+    compressor = QueryCompressor(Resampler(cfg.local.num_queries, din, cfg.local.num_heads, connector.positions))
+    return dict(vision=vision, connector=connector, projector=projector, global_adapter=global_adapter,
+                compressor=compressor, selector=TextGuidedSelector(cfg.local))
+
+
 def build_model(cfg: ModelConfig, tokenizer, *, llm_hf_config: dict | None = None,
                 vision_hf_config: dict | None = None) -> SlimeModel:
     """Wire the parts: load from paths (local or s3://) or build from the config's architecture fields."""
@@ -194,21 +216,10 @@ def build_model(cfg: ModelConfig, tokenizer, *, llm_hf_config: dict | None = Non
     if image_token_id is None or image_token_id == tokenizer.unk_token_id:
         raise ValueError("the tokenizer has no <image> token; add it with slime.tokenizer.ensure_image_token")
     separator_id = tokenizer(cfg.separator, add_special_tokens=False)["input_ids"][-1]
-    vision = build_vision_tower(cfg.vision, vision_hf_config)
+    vision = build_vision_tower(cfg.vision, vision_hf_config)  # before the LLM: seeded inits keep their order
     llm = build_llm(cfg.llm, len(tokenizer), llm_hf_config)
     width = llm.get_input_embeddings().weight.shape[1]
-    connector = DenseConnector(cfg.connector, cfg.vision)
-    din = connector.out_dim
-    projector = MLPProjector(din, width)
-    global_adapter = None
-    if cfg.global_branch.kind == "moa":
-        # One query per global token, placed where that token sits: the gate mixes like with like.
-        resampler = Resampler(connector.num_tokens, din, cfg.global_branch.num_heads, connector.positions,
-                              query_pos=connector.positions)
-        global_adapter = MixtureOfAdapters(resampler, din, cfg.global_branch.gate_noise)
-    compressor = QueryCompressor(Resampler(cfg.local.num_queries, din, cfg.local.num_heads, connector.positions))
+    parts = build_visual_parts(cfg, width, vision=vision)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]
-    model = SlimeModel(cfg, vision=vision, connector=connector, projector=projector, global_adapter=global_adapter,
-                       compressor=compressor, selector=TextGuidedSelector(cfg.local), llm=llm,
-                       image_token_id=image_token_id, separator_id=separator_id)
+    model = SlimeModel(cfg, **parts, llm=llm, image_token_id=image_token_id, separator_id=separator_id)
     return model.to(dtype)

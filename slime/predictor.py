@@ -54,34 +54,24 @@ class PredictorLimits:
     max_new_tokens: int = 1024
 
 
-class Predictor:
-    def __init__(self, model, tokenizer, *, model_id: str = "slime", limits: PredictorLimits | None = None,
-                 mode: VisualMode = "both") -> None:
-        self.model = model.eval()
-        self.mode = mode  # which visual tokens are fed: a global-only model is served with "global"
-        self.tokenizer = tokenizer
-        self.cfg = model.cfg
-        self.model_id = model_id
+class ChatEncoder:
+    """Validation, templating, tokenization and generation limits of a chat request, without a model.
+    Every engine (this HF Predictor, the vLLM engine in ``pipelines.engine``) encodes through it, so
+    they cannot disagree on what a request means."""
+
+    def __init__(self, cfg, tokenizer, *, limits: PredictorLimits | None = None, mode: VisualMode = "both") -> None:
+        self.cfg, self.tokenizer, self.mode = cfg, tokenizer, mode
         self.limits = limits or PredictorLimits()
-        self.processor = SlimeProcessor(self.cfg, tokenizer)
-        self.stops = tuple(stop_strings(self.cfg.template))
+        self.processor = SlimeProcessor(cfg, tokenizer)
+        self.stops = tuple(stop_strings(cfg.template))
         self.eos_ids = {i for s in self.stops if (i := tokenizer.convert_tokens_to_ids(s)) is not None
                         and i != tokenizer.unk_token_id}
-        self._lock = threading.Lock()  # one generate at a time per replica (the model is not re-entrant)
-        self.last_result: ChatResult | None = None
-
-    @classmethod
-    def load(cls, path: str, device: str = "cpu", dtype: str | None = None, model_id: str | None = None,
-             limits: PredictorLimits | None = None, mode: VisualMode = "both") -> Predictor:
-        from slime.checkpoint import load_pretrained
-
-        model, tokenizer = load_pretrained(path, device=device, dtype=dtype)
-        return cls(model, tokenizer, model_id=model_id or str(path).rstrip("/").rsplit("/", 1)[-1], limits=limits,
-                   mode=mode)
+        if tokenizer.eos_token_id is not None:
+            self.eos_ids.add(tokenizer.eos_token_id)
 
     # ------------------------------------------------------------------ validation + encoding
 
-    def _validate(self, req: ChatRequest) -> list[dict]:
+    def validate(self, req: ChatRequest) -> list[dict]:
         if not req.messages:
             raise InputError("messages must be a non-empty list", param="messages", code="invalid_messages")
         for i, m in enumerate(req.messages):
@@ -113,10 +103,16 @@ class Predictor:
             messages[first]["content"] = IMAGE + "\n" + messages[first]["content"]
         return messages
 
-    def encode(self, req: ChatRequest) -> dict:
-        messages = self._validate(req)
+    def encode(self, req: ChatRequest, pixels: bool = True) -> dict:
+        """The processed sample; ``pixels=False`` skips tiling (an engine that tiles by itself)."""
+        messages = self.validate(req)
         image = req.images[0] if req.images else None
-        sample = self.processor({"messages": messages}, image, mode=self.mode, gamma=req.gamma, for_generation=True)
+        if pixels:
+            sample = self.processor({"messages": messages}, image, mode=self.mode, gamma=req.gamma,
+                                    for_generation=True)
+        else:
+            sample = self.processor.encode(messages, image.size if image is not None else None, self.mode, req.gamma,
+                                           for_generation=True)
         limit = self.limits.max_prompt_tokens or self.cfg.max_length
         if len(sample["input_ids"]) + 1 > limit:
             raise InputError(f"prompt is {len(sample['input_ids'])} tokens (including "
@@ -124,11 +120,41 @@ class Predictor:
                              param="messages", code="context_length_exceeded")
         return sample
 
-    def _params(self, req: ChatRequest, prompt_len: int) -> GenerationParams:
+    def params(self, req: ChatRequest, prompt_len: int) -> GenerationParams:
         room = self.cfg.llm.max_position - prompt_len
         return GenerationParams(max_new_tokens=max(1, min(req.max_tokens, self.limits.max_new_tokens, room)),
                                 temperature=req.temperature, top_p=req.top_p,
                                 stop=tuple(req.stop) + self.stops, seed=req.seed)
+
+
+class Predictor:
+    def __init__(self, model, tokenizer, *, model_id: str = "slime", limits: PredictorLimits | None = None,
+                 mode: VisualMode = "both") -> None:
+        self.model = model.eval()
+        self.mode = mode  # which visual tokens are fed: a global-only model is served with "global"
+        self.tokenizer = tokenizer
+        self.cfg = model.cfg
+        self.model_id = model_id
+        self.encoder = ChatEncoder(self.cfg, tokenizer, limits=limits, mode=mode)
+        self.limits, self.processor = self.encoder.limits, self.encoder.processor
+        self.stops, self.eos_ids = self.encoder.stops, self.encoder.eos_ids
+        self._lock = threading.Lock()  # one generate at a time per replica (the model is not re-entrant)
+        self.last_result: ChatResult | None = None
+
+    @classmethod
+    def load(cls, path: str, device: str = "cpu", dtype: str | None = None, model_id: str | None = None,
+             limits: PredictorLimits | None = None, mode: VisualMode = "both") -> Predictor:
+        from slime.checkpoint import load_pretrained
+
+        model, tokenizer = load_pretrained(path, device=device, dtype=dtype)
+        return cls(model, tokenizer, model_id=model_id or str(path).rstrip("/").rsplit("/", 1)[-1], limits=limits,
+                   mode=mode)
+
+    def encode(self, req: ChatRequest) -> dict:
+        return self.encoder.encode(req)
+
+    def _params(self, req: ChatRequest, prompt_len: int) -> GenerationParams:
+        return self.encoder.params(req, prompt_len)
 
     # ------------------------------------------------------------------ generation
 

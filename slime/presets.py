@@ -31,6 +31,14 @@ def tiny() -> ModelConfig:
     )
 
 
+def tiny_vllm(kind: str = "llama") -> ModelConfig:
+    """``tiny`` with attention heads of 32 (vLLM's CPU attention kernels take no head size below 32):
+    the test-sized model for the vLLM engine. ``qwen2`` pairs with the chatml template."""
+    cfg = tiny()
+    return replace(cfg, template="vicuna_v1" if kind == "llama" else "chatml",
+                   llm=replace(cfg.llm, kind=kind, num_heads=2, num_kv_heads=1))
+
+
 def _real(llm: LLMConfig, template: str) -> ModelConfig:
     return ModelConfig(vision=CLIP_L_336, connector=ConnectorConfig(kind="mlp"), global_branch=GlobalConfig(),
                        local=LocalConfig(num_queries=144, num_heads=8, gamma=0.95), tiling=TilingConfig(),

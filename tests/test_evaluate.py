@@ -1,6 +1,7 @@
 """Evaluation: answer normalisation and aggregation (no Ray), then a real Ray Data run on a fixture whose
 answers are known: pass 1 records what the model generates greedily; pass 2 runs on shards whose
-reference equals that output for every other record and is wrong for the rest -> accuracy 0.5 exactly."""
+reference equals that output for every other record and is wrong for the rest -> accuracy 0.5 exactly.
+Both passes run on the vLLM engine (one ``vllm.LLM`` per Ray Data actor)."""
 
 from __future__ import annotations
 
@@ -41,9 +42,9 @@ def test_evaluate_known_answers(ray_session, tmp_path):
     from jobs.evaluate import main
     from pipelines.pack import PackConfig, pack
     from pipelines.synth import SynthConfig, generate
-    from slime.presets import save_tiny_checkpoint
+    from slime.presets import save_tiny_checkpoint, tiny_vllm
 
-    model = save_tiny_checkpoint(tmp_path / "models" / "tiny")
+    model = save_tiny_checkpoint(tmp_path / "models" / "tiny", cfg=tiny_vllm())  # engine auto -> vLLM
     raw = tmp_path / "raw"
     generate(SynthConfig(output_dir=str(raw), num_images=4, min_side=448, max_side=640, val_fraction=0.0,
                          progress=False))
@@ -65,6 +66,7 @@ def test_evaluate_known_answers(ray_session, tmp_path):
     assert main(["--config", "jobs/configs/eval_tiny.yaml", f"model={model}", f"data.val={tmp_path}/wds/known",
                  "batch_size=4", "max_tokens=6"]) == 0
     metrics = json.loads(Path(model / "eval" / "metrics.json").read_text())
+    assert metrics["engine"] == "vllm"  # evaluation measures the engine the endpoint serves
     assert (model / "eval" / "accuracy.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert set(metrics["per_task"]) and all(0 < t["chance"] <= 1 for t in metrics["per_task"].values())
     assert metrics["num_samples"] == len(records) and metrics["errors"] == 0
@@ -98,7 +100,7 @@ def test_two_models_keep_two_results(ray_session, tmp_path):
                          progress=False))
     pack(PackConfig(inputs=(str(raw / "train.json"),), output_dir=str(tmp_path / "wds"), progress=False))
     cfg = lambda m, **kw: EvalConfig(model=str(m), data=EvalDataSection(val=str(tmp_path / "wds"), limit=2),
-                                     max_tokens=2, **kw)
+                                     max_tokens=2, engine="hf", **kw)  # the result files, not the engine
     first = evaluate(cfg(a))
     second = evaluate(cfg(b))
     assert first["output"] == str(a / "eval" / "metrics.json") != second["output"] == str(b / "eval" / "metrics.json")

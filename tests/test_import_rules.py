@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-FORBIDDEN_IN_SLIME = ("ray", "torch.distributed", "deepspeed", "boto3", "s3fs")
+FORBIDDEN_IN_SLIME = ("ray", "torch.distributed", "deepspeed", "boto3", "s3fs", "vllm")
 
 
 def imported_modules(path: Path) -> list[tuple[int, str]]:
@@ -53,8 +53,16 @@ def test_slime_never_imports_upper_layers():
                                              ("from torch.distributed import fsdp", True),
                                              ("def f():\n    import deepspeed", True), ("import s3fs", True),
                                              ("import boto3.session", True), ("import rayon", False),
+                                             ("from vllm.multimodal import MULTIMODAL_REGISTRY", True),
+                                             ("import vllm_cpu_extras", False),
                                              ("import torch", False), ("from torch import nn", False)])
 def test_the_checker_catches_what_it_should(tmp_path, source, hit):
     f = tmp_path / "m.py"
     f.write_text(source + "\n")
     assert any(banned(m, FORBIDDEN_IN_SLIME) for _, m in imported_modules(f)) == hit
+
+
+def test_vllm_code_lives_in_pipelines():
+    """The vLLM adapter is a serving-stage concern: only pipelines/ (and tests/benchmarks) import vllm."""
+    assert "pipelines/vllm_model.py" in {p.split(":")[0] for p in offences("pipelines", ("vllm",))}
+    assert offences("jobs", ("vllm",)) == []

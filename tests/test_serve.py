@@ -33,21 +33,28 @@ def image_part(url: str) -> dict:
 
 @pytest.fixture(scope="session")
 def tiny_checkpoints(tmp_path_factory):
-    from slime.presets import save_tiny_checkpoint
+    from slime.presets import save_tiny_checkpoint, tiny_vllm
 
     root = tmp_path_factory.mktemp("serve_models")
-    return str(save_tiny_checkpoint(root / "v1", seed=0)), str(save_tiny_checkpoint(root / "v2", seed=1))
+    return (str(save_tiny_checkpoint(root / "v1", seed=0, cfg=tiny_vllm())),
+            str(save_tiny_checkpoint(root / "v2", seed=1, cfg=tiny_vllm())))
 
 
-def serve_args(model: str) -> dict:
-    return dict(model=model, model_id=MODEL_ID, api_key=KEY, num_cpus=0.25, max_ongoing_requests=8,
+def serve_args(model: str, engine: str) -> dict:
+    return dict(model=model, model_id=MODEL_ID, api_key=KEY, num_cpus=0.25, max_ongoing_requests=8, engine=engine,
                 max_batch_size=4, batch_wait_timeout_s=0.05, max_image_pixels=500_000, max_tokens=64,
                 autoscaling=dict(min_replicas=1, max_replicas=2, target_ongoing_requests=2, upscale_delay_s=1,
                                  downscale_delay_s=3, look_back_period_s=2, metrics_interval_s=0.5))
 
 
+@pytest.fixture(scope="module", params=["vllm", "hf"])
+def engine(request) -> str:
+    """Both engines hold the same API contract: vLLM (served) and the HF Predictor (the reference)."""
+    return request.param
+
+
 @pytest.fixture(scope="module")
-def server(ray_session, tiny_checkpoints):
+def server(ray_session, tiny_checkpoints, engine):
     from ray import serve
 
     from pipelines.serve import build_app
@@ -57,7 +64,7 @@ def server(ray_session, tiny_checkpoints):
         port = s.getsockname()[1]
     serve.shutdown()  # an earlier module's Serve would keep its own HTTP port: start ours fresh
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(serve_args(tiny_checkpoints[0])), name=APP, route_prefix="/", blocking=False)
+    serve.run(build_app(serve_args(tiny_checkpoints[0], engine)), name=APP, route_prefix="/", blocking=False)
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
 
@@ -195,7 +202,9 @@ BAD = [  # (name, body or raw bytes, extra headers, status, param, code)
     ("gamma type", chat("x", gamma="half"), {}, 400, "gamma", "invalid_value"),
     ("gamma range", chat("x", gamma=0), {}, 400, "gamma", "invalid_value"),
     ("temperature type", chat("x", temperature="warm"), {}, 400, "temperature", "invalid_value"),
-    ("n", chat("x", n=3), {}, 400, "n", "unsupported_value"),
+    ("n over the limit", chat("x", n=99), {}, 400, "n", "invalid_value"),
+    ("unsupported field", chat("x", tools=[{"type": "function", "function": {"name": "f"}}]), {}, 400, "tools",
+     "unsupported_parameter"),
     ("unknown model", {**chat("x"), "model": "gpt-9"}, {}, 404, "model", "model_not_found"),
     ("missing key", chat("x"), {"Authorization": ""}, 401, None, "invalid_api_key"),
     ("wrong key", chat("x"), {"Authorization": "Bearer nope"}, 401, None, "invalid_api_key"),
@@ -216,10 +225,46 @@ def test_bad_input_matrix_then_good_request(http):
     assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"]
 
 
+def test_logprobs_n_and_response_format(client, engine):
+    import json
+
+    import openai
+
+    content = [{"type": "text", "text": "What colour is it?"}, image_part(png_url())]
+    msgs = [{"role": "user", "content": content}]
+    schema = {"type": "object", "properties": {"colour": {"enum": ["red", "blue"]}}, "required": ["colour"],
+              "additionalProperties": False}
+    fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}
+    if engine == "hf":  # the reference path says so instead of ignoring them
+        for extra in ({"n": 2}, {"logprobs": True}, {"response_format": fmt}):
+            with pytest.raises(openai.BadRequestError) as info:
+                client.chat.completions.create(model=MODEL_ID, messages=msgs, max_tokens=4, **extra)
+            assert info.value.body["code"] == "unsupported_value", extra
+        return
+    out = client.chat.completions.create(model=MODEL_ID, messages=msgs, max_tokens=6, logprobs=True, top_logprobs=3)
+    lps = out.choices[0].logprobs.content
+    assert len(lps) == out.usage.completion_tokens  # one entry per generated token
+    for t in lps:  # greedy: the chosen token is the most likely one, and alternatives come best first
+        assert len(t.top_logprobs) == 3 and t.logprob <= 0
+        assert t.top_logprobs[0].logprob == pytest.approx(t.logprob, abs=1e-4)
+        assert [a.logprob for a in t.top_logprobs] == sorted((a.logprob for a in t.top_logprobs), reverse=True)
+    many = client.chat.completions.create(model=MODEL_ID, messages=msgs, max_tokens=6, n=3, temperature=1.0, seed=7)
+    assert [c.index for c in many.choices] == [0, 1, 2]
+    assert all(c.finish_reason in ("stop", "length") for c in many.choices)
+    assert 3 <= many.usage.completion_tokens <= 18  # usage counts every choice
+    shaped = client.chat.completions.create(model=MODEL_ID, messages=msgs, max_tokens=24, response_format=fmt)
+    text = shaped.choices[0].message.content
+    assert shaped.choices[0].finish_reason == "stop" and json.loads(text)["colour"] in ("red", "blue"), text
+    obj = client.chat.completions.create(model=MODEL_ID, messages=msgs, max_tokens=8,
+                                         response_format={"type": "json_object"})
+    assert obj.choices[0].message.content.lstrip().startswith("{")
+
+
 def test_autoscaling_up_under_load_and_back_down(server):
     assert running_replicas() == 1
     with Load(server, threads=8) as load:
-        up_s = wait_for(lambda: running_replicas() >= 2, 60, ">= 2 replicas under load")
+        # The second replica starts its own engine (a vLLM start is 20-80 s on 2 busy cores).
+        up_s = wait_for(lambda: running_replicas() >= 2, 180, ">= 2 replicas under load")
         while len(load.statuses) < 8:  # some requests completed on the scaled-up deployment
             time.sleep(0.1)
     down_s = wait_for(lambda: running_replicas() == 1, 60, "back to 1 replica after load stopped")
@@ -227,7 +272,7 @@ def test_autoscaling_up_under_load_and_back_down(server):
     print(f"autoscaling: up after {up_s:.1f}s, down after {down_s:.1f}s, {len(load.statuses)} requests")
 
 
-def test_model_swap_under_load_has_no_failed_requests(server, tiny_checkpoints):
+def test_model_swap_under_load_has_no_failed_requests(server, tiny_checkpoints, engine):
     import httpx
     from ray import serve
 
@@ -236,9 +281,9 @@ def test_model_swap_under_load_has_no_failed_requests(server, tiny_checkpoints):
     old = {httpx.get(f"{server}/healthz").json()["fingerprint"]}
     with Load(server, threads=3, max_tokens=8) as load:
         wait_for(lambda: len(load.statuses) >= 3, 30, "traffic before the swap")
-        serve.run(build_app(serve_args(tiny_checkpoints[1])), name=APP, route_prefix="/", blocking=False)
+        serve.run(build_app(serve_args(tiny_checkpoints[1], engine)), name=APP, route_prefix="/", blocking=False)
         seen = len(load.fingerprints)
-        wait_for(lambda: len(load.fingerprints) >= seen + 6, 30, "traffic after the swap")
+        wait_for(lambda: len(load.fingerprints) >= seen + 6, 60, "traffic after the swap")
     assert set(load.statuses) == {200}, load.errors[:3]
     assert old <= set(load.fingerprints) and len(set(load.fingerprints)) == 2, set(load.fingerprints)
     assert load.fingerprints[-1] not in old  # traffic ends on the new checkpoint

@@ -57,7 +57,7 @@ def test_content_parts_flatten_to_one_image_placeholder():
 def test_string_content_defaults_and_roles():
     p = parse({"messages": [{"role": "developer", "content": "be brief"}, {"role": "user", "content": "hi"},
                             {"role": "assistant", "content": "hello"}, {"role": "user", "content": "again"}],
-               "stream": True, "stream_options": {"include_usage": True}, "unknown_field": 1})
+               "stream": True, "stream_options": {"include_usage": True}, "user": "u-1"})
     assert [m["role"] for m in p.chat["messages"]] == ["system", "user", "assistant", "user"]
     assert p.chat["max_tokens"] == LIMITS.default_max_tokens and p.chat["temperature"] == 0.0
     assert p.chat["gamma"] is None and p.stream and p.include_usage
@@ -79,7 +79,15 @@ def test_string_content_defaults_and_roles():
     (user(image("http://example.com/a.png")), 400, "messages[0].content[0].image_url.url", "invalid_image_url"),
     (user(image("s3://bucket/a.png")), 400, "messages[0].content[0].image_url.url", "invalid_image_url"),
     (user(image("file:///etc/passwd")), 400, "messages[0].content[0].image_url.url", "invalid_image_url"),
-    ({**user(text("x")), "n": 2}, 400, "n", "unsupported_value"),
+    ({**user(text("x")), "n": 9}, 400, "n", "invalid_value"),
+    ({**user(text("x")), "n": 2, "stream": True}, 400, "n", "unsupported_value"),
+    ({**user(text("x")), "unknown_field": 1}, 400, "unknown_field", "unsupported_parameter"),
+    ({**user(text("x")), "logit_bias": {"5": 1}}, 400, "logit_bias", "unsupported_parameter"),
+    ({**user(text("x")), "top_logprobs": 2}, 400, "top_logprobs", "invalid_value"),
+    ({**user(text("x")), "logprobs": True, "top_logprobs": 21}, 400, "top_logprobs", "invalid_value"),
+    ({**user(text("x")), "response_format": {"type": "xml"}}, 400, "response_format.type", "invalid_value"),
+    ({**user(text("x")), "response_format": {"type": "json_schema"}}, 400, "response_format.json_schema",
+     "missing_required_parameter"),
     ({**user(text("x")), "gamma": 0}, 400, "gamma", "invalid_value"),
     ({**user(text("x")), "gamma": 1.5}, 400, "gamma", "invalid_value"),
     ({**user(text("x")), "gamma": "0.5"}, 400, "gamma", "invalid_value"),
@@ -97,6 +105,16 @@ def test_bad_requests_name_param_and_code(body, status, param, code):
     assert (e.status, e.param, e.code) == (status, param, code), e.message
     body = e.as_openai()["error"]
     assert body["type"] == "invalid_request_error" and body["message"] and body["param"] == param
+
+
+def test_engine_options():
+    p = parse({**user(text("x")), "n": 3, "logprobs": True, "top_logprobs": 2,
+               "response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "object"}}}})
+    assert (p.n, p.logprobs, p.response_format) == (3, 2, ("json_schema", {"type": "object"}))
+    p = parse({**user(text("x")), "logprobs": True, "response_format": {"type": "json_object"}})
+    assert (p.n, p.logprobs, p.response_format) == (1, 0, ("json_object", None))
+    p = parse({**user(text("x")), "response_format": {"type": "text"}, "logprobs": False})
+    assert (p.n, p.logprobs, p.response_format) == (1, None, None)
 
 
 def test_request_size_cap_is_413():

@@ -1,0 +1,218 @@
+"""The vLLM engine for SliME: one construction path for serving (``AsyncLLM``), batch inference and
+evaluation (``vllm.LLM``), and the request encoding they share with the HF ``Predictor``.
+
+    model_dir(uri)          checkpoint (local or s3://) -> local dir vLLM can open (config.json + weights)
+    engine_kwargs(...)      the EngineArgs every engine here is built with
+    VllmChat                ChatRequest -> vLLM prompt (token ids with one <image>, the image, the
+                            instruction ids + gamma as mm_processor_kwargs) + SamplingParams, and
+                            vLLM output -> ChatResult (same fields as the Predictor's)
+
+Prompts go to vLLM as token ids made by ``slime.predictor.ChatEncoder`` (the Predictor's own encoder),
+so the template, the instruction mask and every validation error are the reference path's.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+from slime.checkpoint import architecture_config, load_config
+from slime.config import VisualMode
+from slime.predictor import ChatEncoder, ChatRequest, ChatResult, PredictorLimits
+from slime.storage import local_copy
+
+# Before vLLM is imported in this process or a child: on a 2-core machine vLLM's CPU backend would
+# otherwise reserve one core for the front end and run the model on the other.
+os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB per engine; vLLM's CPU default is 4
+os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
+
+
+def model_dir(uri: str, visual_mode: VisualMode = "both", cache_root: str | None = None) -> Path:
+    """A local directory vLLM can open for the checkpoint at ``uri``: ``config.json`` (a
+    ``SlimeVllmConfig``) next to a link to the checkpoint's ``model.safetensors``. The checkpoint itself
+    is never written to; the view lives under ``cache_root`` keyed by checkpoint path and mode.
+
+    vLLM's CPU attention kernels take head sizes 32, 64, 80, ... only: the test-sized ``tiny`` preset
+    (head size 16) runs on the HF Predictor alone; tests build vLLM models with 2 heads of 32."""
+    from pipelines.vllm_plugin import ARCHITECTURE, LLM_ARCHITECTURES
+
+    local = Path(local_copy(str(uri))).resolve()
+    if not (local / "slime_config.yaml").exists():
+        raise FileNotFoundError(f"{uri} is not a slime model directory (no slime_config.yaml)")
+    cfg = load_config(local)
+    meta = json.loads((local / "metadata.json").read_text())
+    text = architecture_config(json.loads((local / "llm_config.json").read_text()))
+    text["architectures"] = [LLM_ARCHITECTURES[cfg.llm.kind]]
+    from slime.config import to_dict
+
+    config = {"model_type": "slime", "architectures": [ARCHITECTURE], "slime": to_dict(cfg), "text_config": text,
+              "vision_config": json.loads((local / "vision_config.json").read_text()),
+              "image_token_id": meta["image_token_id"], "separator_id": meta["separator_id"],
+              "visual_mode": visual_mode, "dtype": cfg.dtype}
+    body = json.dumps(config, sort_keys=True, default=str)
+    stamp = (local / "model.safetensors").stat().st_mtime_ns
+    key = hashlib.sha256(f"{local}|{stamp}|{body}".encode()).hexdigest()[:16]
+    root = Path(cache_root or os.environ.get("SLIME_VLLM_CACHE", Path.home() / ".cache" / "slime" / "vllm"))
+    out = root / key
+    if not (out / "config.json").exists():
+        tmp = root / f".{key}.tmp{os.getpid()}"
+        tmp.mkdir(parents=True, exist_ok=True)
+        # Links to the weights and the tokenizer files: vLLM opens one directory for all three.
+        for src in [local / "model.safetensors", *sorted((local / "tokenizer").iterdir())]:
+            (tmp / src.name).unlink(missing_ok=True)
+            (tmp / src.name).symlink_to(src)
+        (tmp / "config.json").write_text(body)
+        try:
+            tmp.rename(out)
+        except OSError:  # another process won the race: its view is identical
+            pass
+    return out
+
+
+def vllm_unsupported(uri: str) -> str | None:
+    """Why vLLM cannot run the checkpoint at ``uri`` on this machine, or None if it can. ``auto``
+    engine choices (serving, evaluation) use it to fall back to the HF Predictor, and say so."""
+    import fsspec
+    import yaml
+
+    from slime.config import ModelConfig, from_dict
+
+    def read(name: str) -> str:  # two small files, not a copy of the weights (s3:// models)
+        with fsspec.open(f"{str(uri).rstrip('/')}/{name}", "r") as f:
+            return f.read()
+
+    cfg = from_dict(ModelConfig, yaml.safe_load(read("slime_config.yaml")))
+    if cfg.local.selection != "topk":
+        return f"local.selection={cfg.local.selection!r} masks tokens out of attention, which vLLM cannot"
+    text = json.loads(read("llm_config.json"))
+    head = text.get("head_dim") or text["hidden_size"] // text["num_attention_heads"]
+    from vllm.platforms import current_platform
+
+    if current_platform.is_cpu():
+        from vllm.v1.attention.backends.cpu_attn import CPUAttentionBackend
+
+        sizes = CPUAttentionBackend.get_supported_head_sizes()
+        if head not in sizes:
+            return f"vLLM's CPU attention takes head sizes {sizes}; this model's is {head}"
+    return None
+
+
+def resolve_engine(engine: str, uri: str) -> str:
+    """``auto`` -> ``vllm`` when vLLM can run the model here, else ``hf`` (with a logged reason)."""
+    if engine != "auto":
+        return engine
+    reason = vllm_unsupported(uri)
+    if reason:
+        import logging
+
+        logging.getLogger(__name__).warning("serving %s on the HF Predictor, not vLLM: %s", uri, reason)
+        return "hf"
+    return "vllm"
+
+
+def engine_kwargs(uri: str, *, visual_mode: VisualMode = "both", enforce_eager: bool = True,
+                  max_num_seqs: int = 16, prefix_caching: bool = True, **overrides) -> dict:
+    """EngineArgs for ``uri``. ``enforce_eager`` (default) skips torch.compile: starts take about half
+    as long on CPU, and tiny models gain nothing from compilation."""
+    from vllm.config import StructuredOutputsConfig
+
+    local = Path(local_copy(str(uri))).resolve()
+    cfg = load_config(local)
+    return dict(model=str(model_dir(uri, visual_mode)), dtype=cfg.dtype,
+                max_model_len=cfg.llm.max_position, enforce_eager=enforce_eager, max_num_seqs=max_num_seqs,
+                enable_prefix_caching=prefix_caching, limit_mm_per_prompt={"image": 1}, seed=0,
+                disable_log_stats=True,
+                # JSON output without free whitespace (engine-wide in vLLM): otherwise a small model can
+                # spend all of max_tokens on blanks inside an object.
+                structured_outputs_config=StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True),
+                **overrides)
+
+
+class VllmChat:
+    """Request side of the engine: encode with the Predictor's ``ChatEncoder``, decode vLLM outputs."""
+
+    def __init__(self, uri: str, *, limits: PredictorLimits | None = None, mode: VisualMode = "both") -> None:
+        from transformers import AutoTokenizer
+
+        local = Path(local_copy(str(uri))).resolve()
+        self.cfg = load_config(local)
+        self.tokenizer = AutoTokenizer.from_pretrained(str(local / "tokenizer"))
+        self.encoder = ChatEncoder(self.cfg, self.tokenizer, limits=limits, mode=mode)
+        self.image_token_id = self.encoder.processor.image_token_id
+
+    def prompt(self, req: ChatRequest) -> tuple[dict, dict]:
+        """-> (vLLM prompt dict, sample info {prompt_tokens, visual_tokens, max_tokens}). InputError on bad input."""
+        sample = self.encoder.encode(req, pixels=False)
+        ids, instr = list(sample["input_ids"]), list(sample["instruction_mask"])
+        info = {"prompt_tokens": len(ids), "visual_tokens": int(sample["num_visual_tokens"]),
+                "max_tokens": self.encoder.params(req, len(ids)).max_new_tokens}
+        if not req.images:
+            return {"prompt_token_ids": ids}, info
+        # vLLM expands the one <image> itself (PromptReplacement); the run the processor wrote collapses.
+        first = ids.index(self.image_token_id)
+        collapsed = ids[:first + 1] + ids[first + info["visual_tokens"]:]
+        instruction_ids = [i for i, keep in zip(ids, instr) if keep]
+        gamma = self.cfg.local.gamma if req.gamma is None else float(req.gamma)
+        return {"prompt_token_ids": collapsed, "multi_modal_data": {"image": req.images[0]},
+                "mm_processor_kwargs": {"gamma": gamma, "instruction_ids": instruction_ids}}, info
+
+    def sampling_params(self, req: ChatRequest, info: dict, **extra):
+        from vllm import SamplingParams
+
+        return SamplingParams(max_tokens=info["max_tokens"], temperature=req.temperature, top_p=req.top_p,
+                              seed=req.seed, stop=list(req.stop) + list(self.encoder.stops),
+                              stop_token_ids=sorted(self.encoder.eos_ids), skip_special_tokens=True, **extra)
+
+    def completion_ids(self, token_ids) -> list[int]:
+        """Generated ids without the end-of-turn id the Predictor never appends."""
+        ids = list(token_ids)
+        return ids[:-1] if ids and ids[-1] in self.encoder.eos_ids else ids
+
+    def result(self, completion, info: dict, latency_s: float = 0.0) -> ChatResult:
+        finish = "stop" if completion.finish_reason == "stop" else "length"
+        return ChatResult(text=completion.text, finish_reason=finish, prompt_tokens=info["prompt_tokens"],
+                          completion_tokens=len(self.completion_ids(completion.token_ids)),
+                          visual_tokens=info["visual_tokens"], latency_s=latency_s)
+
+
+def offline_engine(uri: str, **kwargs):
+    """A synchronous ``vllm.LLM`` (batch inference, evaluation, parity tests)."""
+    from vllm import LLM
+
+    return LLM(**engine_kwargs(uri, **kwargs))
+
+
+def async_engine(uri: str, **kwargs):
+    """An ``AsyncLLM`` (serving): continuous batching across concurrent requests."""
+    from vllm.engine.arg_utils import AsyncEngineArgs
+    from vllm.v1.engine.async_llm import AsyncLLM
+
+    return AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs(uri, **kwargs)))
+
+
+class OfflineVllm:
+    """Batch generation on a ``vllm.LLM`` with the Predictor's interface (``encode`` validates one
+    request, ``generate`` answers many): Ray Data batch inference and evaluation run on the engine the
+    endpoint serves."""
+
+    def __init__(self, uri: str, *, limits: PredictorLimits | None = None, mode: VisualMode = "both",
+                 **engine_overrides) -> None:
+        self.chat = VllmChat(uri, limits=limits, mode=mode)
+        self.cfg, self.processor = self.chat.cfg, self.chat.encoder.processor
+        self.llm = offline_engine(uri, visual_mode=mode, **engine_overrides)
+
+    def encode(self, req: ChatRequest) -> dict:
+        return self.chat.prompt(req)[1]
+
+    def generate(self, reqs: list[ChatRequest]) -> list[ChatResult]:
+        import time
+
+        start = time.perf_counter()
+        prompts, infos = zip(*(self.chat.prompt(r) for r in reqs))
+        params = [self.chat.sampling_params(r, i) for r, i in zip(reqs, infos)]
+        outs = self.llm.generate(list(prompts), params, use_tqdm=False)
+        latency = time.perf_counter() - start
+        return [self.chat.result(o.outputs[0], i, latency) for o, i in zip(outs, infos)]

@@ -1,0 +1,231 @@
+"""Ray Serve on the vLLM engine: our FastAPI ingress over an in-replica ``AsyncLLM``.
+
+Why our own ingress rather than Ray Serve LLM's ``build_openai_app``: the API contract is ours and
+the tests hold it -- OpenAI error bodies with our ``param``/``code`` for every bad input (checked
+before the engine sees the request, by the same ``ChatEncoder`` the HF ``Predictor`` uses), the API
+key checked before the body is read, the ``gamma`` field, ``usage.visual_tokens``, and images fetched
+by us under the URL allow-list (vLLM's server would fetch http(s) URLs itself). Serve LLM would need
+each of those re-plumbed through vLLM's OpenAI server, plus the instruction ids computed from our
+template. What we keep from the vLLM side is what matters for throughput: continuous batching, the
+paged KV cache with prefix caching, the multimodal caches, structured outputs and logprobs. Each
+replica owns one engine (its engine-core process), so Serve autoscaling and rolling updates work as
+they do for the HF app; on GPUs a replica asks for ``num_gpus=1`` (or more, with tensor parallelism).
+
+Routes, auth, error bodies, streaming and rollout semantics are those of ``pipelines.serve``.
+"""
+
+# No `from __future__ import annotations`: FastAPI must see real types on the ingress methods.
+import asyncio
+import hashlib
+import logging
+import time
+import uuid
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, StreamingResponse
+from ray import serve
+from ray.serve.metrics import Counter, Histogram
+from starlette.exceptions import HTTPException
+
+from pipelines import serve_api as oai
+from pipelines.serve import ServeArgs, _error, _on_http, _on_input, _on_validation, authorize
+from slime.config import from_dict
+from slime.errors import InputError
+from slime.predictor import ChatRequest, ChatResult, PredictorLimits
+
+logger = logging.getLogger("ray.serve")
+
+api = FastAPI(title="slime-ray (vLLM)", docs_url=None, redoc_url=None)
+api.add_exception_handler(RequestValidationError, _on_validation)
+api.add_exception_handler(InputError, _on_input)
+api.add_exception_handler(HTTPException, _on_http)
+
+
+@dataclass
+class Choice:
+    text: str
+    finish_reason: str
+    logprobs: dict | None = None
+
+
+def _logprobs(chat, completion, k: int) -> dict:
+    """vLLM sample logprobs -> OpenAI ``{"content": [{token, logprob, bytes, top_logprobs}]}``."""
+    tok = chat.tokenizer
+    n = len(chat.completion_ids(completion.token_ids))
+
+    def entry(token_id: int, lp) -> dict:
+        text = lp.decoded_token if lp.decoded_token is not None else tok.decode([token_id])
+        return {"token": text, "logprob": float(lp.logprob), "bytes": list(text.encode())}
+
+    content = []
+    for token_id, alts in list(zip(completion.token_ids, completion.logprobs or []))[:n]:
+        item = entry(token_id, alts[token_id])
+        ranked = sorted(alts.items(), key=lambda kv: kv[1].rank or 0)
+        item["top_logprobs"] = [entry(t, lp) for t, lp in ranked if lp.rank is not None][:k]
+        content.append(item)
+    return {"content": content}
+
+
+@serve.deployment(name="SlimeServer", health_check_period_s=5)
+@serve.ingress(api)
+class VllmServer:
+    async def __init__(self, args: dict) -> None:
+        from pipelines.engine import VllmChat, async_engine
+
+        self._ready = False
+        self.args = from_dict(ServeArgs, args)
+        a = self.args
+        self.limits = a.limits()
+        limits = PredictorLimits(max_images=a.max_images_per_request, max_image_pixels=a.max_image_pixels,
+                                 max_prompt_tokens=a.max_prompt_tokens, max_new_tokens=a.max_tokens)
+        self.chat = VllmChat(a.model, limits=limits)
+        self.model_id = a.model_id or a.model.rstrip("/").rsplit("/", 1)[-1]
+        self.fingerprint = "fp_" + hashlib.sha256(a.model.encode()).hexdigest()[:12]
+        self.m_requests = Counter("slime_requests", "chat requests by HTTP status", tag_keys=("status",))
+        self.m_latency = Histogram("slime_request_latency_s", "chat request latency (s)",
+                                   boundaries=[0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60])
+        self.m_visual = Counter("slime_visual_tokens", "visual tokens processed")
+        start = time.perf_counter()
+        self.engine = async_engine(a.model, enforce_eager=a.enforce_eager, max_num_seqs=a.max_num_seqs,
+                                   tensor_parallel_size=a.tensor_parallel_size)
+        # Warm-up: /healthz turns 200 only after one real generation (lazy init paid here).
+        await self._final(ChatRequest(messages=[{"role": "user", "content": "hi"}], max_tokens=1), 1, None, None)
+        self.engine_start_s = time.perf_counter() - start
+        logger.info("vLLM engine for %s ready in %.1f s", a.model, self.engine_start_s)
+        self._ready = True
+
+    def check_health(self) -> None:
+        if not self._ready:
+            raise RuntimeError("model not loaded")
+        if self.engine.errored:
+            raise RuntimeError(f"vLLM engine died: {self.engine.dead_error}")
+
+    def __del__(self) -> None:
+        engine = getattr(self, "engine", None)
+        if engine is not None:
+            engine.shutdown()
+
+    # ------------------------------------------------------------------ routes
+
+    @api.get("/healthz")
+    async def healthz(self) -> JSONResponse:
+        if not self._ready:
+            return JSONResponse({"status": "loading"}, status_code=503)
+        return JSONResponse({"status": "ok", "model": self.model_id, "fingerprint": self.fingerprint,
+                             "engine": "vllm", "engine_start_s": round(self.engine_start_s, 2)})
+
+    @api.get("/v1/models")
+    async def models(self, request: Request) -> JSONResponse:
+        authorize(request, self.args.api_key)
+        return JSONResponse({"object": "list", "data": [{"id": self.model_id, "object": "model", "created": 0,
+                                                          "owned_by": "slime-ray"}]})
+
+    @api.post("/v1/chat/completions")
+    async def chat_completions(self, request: Request):
+        start, status = time.perf_counter(), 500
+        try:
+            authorize(request, self.args.api_key)
+            parsed = oai.to_chat(oai.parse_body(await request.body(), self.limits), self.limits)
+            if parsed.model not in (None, self.model_id):
+                raise InputError(f"model {parsed.model!r} is not served here (serving {self.model_id!r})",
+                                 param="model", code="model_not_found", status=404)
+            images = [await asyncio.to_thread(oai.load_image, url, self.limits, param) for url, param in parsed.images]
+            req = ChatRequest(**{**parsed.chat, "images": images})
+            if parsed.stream:
+                response = await self._stream(req, parsed.include_usage, parsed.logprobs)
+                status = 200
+                return response
+            usage, choices = await self._final(req, parsed.n, parsed.logprobs, parsed.response_format)
+            if usage.visual_tokens:  # ray.util.metrics Counter.inc rejects 0
+                self.m_visual.inc(usage.visual_tokens)
+            status = 200
+            return JSONResponse(oai.completion_body(oai.new_id(), self.model_id, usage, self.fingerprint, choices))
+        except InputError as e:
+            status = e.status
+            return _error(e)
+        finally:
+            self.m_requests.inc(tags={"status": str(status)})
+            self.m_latency.observe(time.perf_counter() - start)
+
+    # ------------------------------------------------------------------ engine calls
+
+    def _submit(self, req: ChatRequest, n: int, logprobs: int | None, response_format, stream: bool):
+        """Encode (InputError on bad input) and start the request -> (async output iterator, info)."""
+        from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
+
+        prompt, info = self.chat.prompt(req)
+        extra = {"n": n, "output_kind": RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY}
+        if logprobs is not None:
+            extra["logprobs"] = logprobs
+        if response_format is not None:
+            kind, schema = response_format
+            extra["structured_outputs"] = (StructuredOutputsParams(json=schema) if kind == "json_schema"
+                                           else StructuredOutputsParams(json_object=True))
+        params = self.chat.sampling_params(req, info, **extra)
+        return self.engine.generate(prompt, params, request_id=uuid.uuid4().hex), info
+
+    async def _final(self, req, n, logprobs, response_format) -> tuple[ChatResult, list[Choice]]:
+        outputs, info = self._submit(req, n, logprobs, response_format, stream=False)
+        final = None
+        try:
+            async for out in outputs:
+                final = out
+        except ValueError as e:  # vLLM rejects what it cannot honour (e.g. an unsatisfiable schema)
+            raise InputError(f"the engine rejected the request: {e}", code="invalid_value") from None
+        completions = sorted(final.outputs, key=lambda c: c.index)
+        results = [self.chat.result(c, info) for c in completions]
+        choices = [Choice(r.text, r.finish_reason, _logprobs(self.chat, c, logprobs) if logprobs is not None else None)
+                   for r, c in zip(results, completions)]
+        usage = ChatResult(text="", finish_reason="", prompt_tokens=info["prompt_tokens"],
+                           completion_tokens=sum(r.completion_tokens for r in results),
+                           visual_tokens=info["visual_tokens"])
+        return usage, choices
+
+    async def _stream(self, req: ChatRequest, include_usage: bool, logprobs: int | None) -> StreamingResponse:
+        outputs, info = self._submit(req, 1, logprobs, None, stream=True)
+        rid, created = oai.new_id(), int(time.time())
+        # Pull the first output before answering 200, so an engine-side rejection is still a 4xx.
+        try:
+            first = await outputs.__anext__()
+        except StopAsyncIteration:
+            first = None
+        except ValueError as e:
+            raise InputError(f"the engine rejected the request: {e}", code="invalid_value") from None
+
+        def chunk(delta: dict, finish: str | None = None, lp: dict | None = None) -> str:
+            body = oai.chunk(rid, self.model_id, created, delta, finish, self.fingerprint)
+            body["choices"][0]["logprobs"] = lp
+            return oai.sse(body)
+
+        async def events():
+            ids: list[int] = []
+            finish = "length"
+            try:
+                yield chunk({"role": "assistant", "content": ""})
+                out = first
+                while out is not None:
+                    c = out.outputs[0]
+                    ids += list(c.token_ids)
+                    lp = _logprobs(self.chat, c, logprobs) if logprobs is not None and c.logprobs else None
+                    if c.text or lp:
+                        yield chunk({"content": c.text}, None, lp)
+                    if c.finish_reason is not None:
+                        finish = "stop" if c.finish_reason == "stop" else "length"
+                    out = await outputs.__anext__() if not out.finished else None
+                yield chunk({}, finish)
+                if include_usage:
+                    n = len(self.chat.completion_ids(ids))
+                    usage = ChatResult("", finish, info["prompt_tokens"], n, info["visual_tokens"])
+                    yield oai.sse({"id": rid, "object": "chat.completion.chunk", "created": created,
+                                   "model": self.model_id, "choices": [], "usage": oai.usage(usage)})
+            except Exception as e:  # headers are sent: the error can only travel as an event
+                logger.exception("stream failed")
+                yield oai.sse(oai.error_body(f"internal error: {type(e).__name__}", type_="server_error"))
+            finally:
+                await outputs.aclose()  # also on client disconnect: vLLM aborts the request
+            yield oai.SSE_DONE
+
+        return StreamingResponse(events(), media_type="text/event-stream",
+                                 headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
