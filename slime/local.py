@@ -25,6 +25,9 @@ from slime.config import LocalConfig
 from slime.connectors import Resampler
 from slime.tiling import kept_count
 
+# Width of the local compressor's locality prior, in query cells (LocalConfig.compressor = "local").
+LOCALITY = 0.25
+
 
 class QueryCompressor(nn.Module):
     def __init__(self, resampler: Resampler) -> None:
@@ -55,20 +58,29 @@ class TextGuidedSelector(nn.Module):
 
     @torch.no_grad()
     def scores(self, tokens: torch.Tensor, text: torch.Tensor) -> torch.Tensor:
-        """Mean cosine similarity of each local token to the instruction tokens: [L, D], [T, D] -> [L] fp32."""
+        """Cosine similarity of each local token to the instruction tokens, averaged (paper) or summed
+        (upstream) over them: [L, D], [T, D] -> [L] fp32."""
         if text.shape[0] == 0:
             return torch.zeros(tokens.shape[0], device=tokens.device)
         v = nn.functional.normalize(tokens.float(), dim=-1)
         t = nn.functional.normalize(text.float(), dim=-1)
-        return (v @ t.T).mean(dim=-1)  # [L, T] -> [L]; the paper averages (upstream sums)
+        cos = v @ t.T  # [L, T]
+        return cos.sum(dim=-1) if self.cfg.score == "sum" else cos.mean(dim=-1)
+
+    def noisy(self, s: torch.Tensor) -> torch.Tensor:
+        """Training-time Gaussian noise on the scores [L]: sigma = noise_std (absolute, upstream) or
+        noise_std * std(s) over this sample's tokens (relative, default: the same ranking perturbation
+        whatever the scale of the scores)."""
+        if not self.training or self.cfg.noise_std == 0 or s.numel() < 2:
+            return s
+        sigma = self.cfg.noise_std * (s.std() if self.cfg.noise == "relative" else 1.0)
+        return s + sigma * torch.randn_like(s)
 
     def forward(self, tokens: torch.Tensor, text: torch.Tensor, gamma: float) -> tuple[torch.Tensor, torch.Tensor]:
         """[L, D], [T, D] -> kept [K, D] in original order and valid mask [K] (K = kept_count(L, gamma))."""
         num_local = tokens.shape[0]
         k = kept_count(num_local, gamma, self.cfg.selection)
-        s = self.scores(tokens, text)
-        if self.training and self.cfg.noise_std > 0:
-            s = s + self.cfg.noise_std * torch.randn_like(s)
+        s = self.noisy(self.scores(tokens, text))
         if text.shape[0] == 0 and not self.training:
             # Nothing to rank against (e.g. a caption prompt): keep evenly spaced tokens.
             idx = torch.linspace(0, num_local - 1, k, device=tokens.device).round().long()
