@@ -27,7 +27,7 @@ from PIL import Image
 
 from slime.config import ModelConfig, replace
 from slime.model import SlimeModel, set_trainable
-from slime.presets import build_tiny, tiny
+from slime.presets import build_tiny, mini
 from slime.processing import SlimeProcessor
 
 
@@ -43,14 +43,10 @@ class Phase:
 
 
 def model_config(tile: int = 112, **local) -> ModelConfig:
-    """tiny() made just large enough to learn: 112 px tiles (8x8 patches of 14 px), a 64-wide 4-block
-    random CLIP, 16 queries per crop, a 128-wide 4-layer Llama. ``local`` overrides LocalConfig fields."""
-    t = tiny()
-    return replace(t, vision=replace(t.vision, image_size=tile, patch_size=14, hidden_dim=64, intermediate_dim=128,
-                                     num_layers=4, num_heads=4),
-                   local=replace(t.local, num_queries=16, num_heads=4, **local),
-                   llm=replace(t.llm, hidden_dim=128, intermediate_dim=256, num_layers=4, num_heads=4, num_kv_heads=2),
-                   template="chatml", max_length=320)
+    """The ``mini`` preset (slime/presets.py) with the chatml template (no system prompt: shorter
+    sequences, same model). ``local`` overrides LocalConfig fields."""
+    m = mini()
+    return replace(m, vision=replace(m.vision, image_size=tile), local=replace(m.local, **local), template="chatml")
 
 
 def schedule(variant: str, steps: int, pre: int, lr_pre: float = 1e-3, lr: float = 1e-3) -> list[Phase]:

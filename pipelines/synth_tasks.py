@@ -7,13 +7,14 @@ vertically. The background is mid-grey (128) with Gaussian noise (sigma 12). On 
 * ``texture`` (local): a large region of a 1-px checkerboard in a complementary colour pair
   (red/cyan, green/magenta, blue/yellow, black/white). Every pair averages to mid-grey, so the
   downscaled global view shows grey where the crops show the pattern.
-* ``fine_print`` (local): a block of one digit repeated in ~``tile/12`` px type (9 px at tile 112), in a
-  random ink level so the block's mean darkness does not give the digit away; squeezed 3x the
-  glyphs are 2-3 px blobs.
-* ``small_object`` (local): one small square (about ``tile/8`` px) of the same kind of 1-px
-  checkerboard, anywhere in the image: a few local tokens out of hundreds carry it, so it is where
-  the text-guided selector has to keep the right ones.
-* ``big_color`` and ``big_shape`` (global): one large solid shape, readable from the global view.
+* ``fine_print`` (local): a block of one digit (0, 1, 4 or 7) repeated in ~``tile/12`` px type (9 px at
+  tile 112), in a random ink level so the block's mean darkness does not give the digit away; squeezed
+  3x the glyphs are 3 px blobs.
+* ``small_object`` (local): one small square (about ``tile/6`` px) of the same kind of 1-px
+  checkerboard, anywhere in the image: a few local tokens out of ~100 carry it, so it is where the
+  text-guided selector has to keep the right ones.
+* ``big_color`` and ``big_position`` (global): one large solid shape (circle, square, triangle or
+  star) in the left, middle or right third, readable from the global view.
 
 Whether a task is really absent from the global view is measured, not assumed: ``benchmarks.learning``
 fits a probe on the global view's features and prints its accuracy next to chance.
@@ -34,20 +35,21 @@ PAIRS: dict[str, tuple[tuple[int, int, int], tuple[int, int, int]]] = {
 }
 BIG_COLORS = {"red": (220, 30, 30), "green": (30, 170, 50), "blue": (30, 70, 220), "yellow": (235, 200, 20)}
 BIG_SHAPES = ("circle", "square", "triangle", "star")
-PRINT_DIGITS = "0123456789"
+PRINT_DIGITS = "0147"  # four glyphs as different as digits get
 LOCAL_TASKS = ("texture", "fine_print", "small_object")
-GLOBAL_TASKS = ("big_color", "big_shape")
+GLOBAL_TASKS = ("big_color", "big_position")
+POSITIONS = ("left", "middle", "right")
 TASKS = LOCAL_TASKS + GLOBAL_TASKS
 QUESTIONS = {
     "texture": "Which colour pair makes the fine checkered area?",
     "fine_print": "Which digit is repeated in the fine print?",
     "small_object": "Which colour pair makes the small checkered square?",
     "big_color": "What colour is the big shape?",
-    "big_shape": "What shape is the big shape?",
+    "big_position": "Is the big shape on the left, in the middle or on the right?",
 }
 # Answer set per task (what chance is computed over).
 ANSWERS = {"texture": tuple(PAIRS), "fine_print": tuple(PRINT_DIGITS), "small_object": tuple(PAIRS),
-           "big_color": tuple(BIG_COLORS), "big_shape": BIG_SHAPES}
+           "big_color": tuple(BIG_COLORS), "big_position": POSITIONS}
 
 
 def _checker(w: int, h: int, pair: str) -> np.ndarray:
@@ -100,15 +102,15 @@ def render_fidelity_image(rng: random.Random, tile: int = 112) -> tuple[Image.Im
     digit = rng.choice(PRINT_DIGITS)
     type_px = max(7, round(tile / 12))
     font = _font(type_px)
-    line = digit * max(3, round(tile * 0.45 / (type_px * 0.6)))
+    line = digit * max(4, round(tile * 0.6 / (type_px * 0.6)))
     probe = ImageDraw.Draw(Image.new("L", (1, 1)))
     left, top, right, bottom = probe.textbbox((0, 0), line, font=font)
-    lines = 3
+    lines = 4
     gap = max(2, type_px // 3)
     pw, ph = right - left, lines * (bottom - top) + (lines - 1) * gap
     print_box = _place(rng, boxes, width, height, pw, ph, margin)
 
-    small = max(6, round(tile * rng.uniform(0.1, 0.14)))
+    small = max(8, round(tile * rng.uniform(0.14, 0.2)))
     small_box = _place(rng, boxes, width, height, small, small, margin)
     pair_s = rng.choice(tuple(PAIRS))
     x0, y0, x1, y1 = small_box
@@ -125,7 +127,8 @@ def render_fidelity_image(rng: random.Random, tile: int = 112) -> tuple[Image.Im
 
     facts = {"width": width, "height": height, "tile": tile, "texture": pair_t, "texture_box": tex_box,
              "fine_print": digit, "print_box": print_box, "type_px": type_px, "small_object": pair_s,
-             "small_box": small_box, "big_color": big_color, "big_shape": big_shape, "big_box": big_box}
+             "small_box": small_box, "big_color": big_color, "big_shape": big_shape, "big_box": big_box,
+             "big_position": POSITIONS[col_big]}
     return img, facts
 
 

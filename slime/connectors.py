@@ -159,12 +159,19 @@ class Resampler(nn.Module):
         for ln in (self.ln_q, self.ln_kv, self.ln_post):
             ln.reset_parameters()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _attend(self, x: torch.Tensor, need_weights: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         kv = self.ln_kv(x)  # [M, N, Din]
         q = (self.ln_q(self.query) + self.query_pos.to(x.dtype)).unsqueeze(0).expand(x.shape[0], -1, -1)
         bias = None if self.attn_bias is None else self.attn_bias.to(x.dtype)
-        out, _ = self.attn(q, kv + self.key_pos.to(x.dtype), kv, attn_mask=bias, need_weights=False)  # [M, Q, Din]
-        return self.ln_post(out)
+        return self.attn(q, kv + self.key_pos.to(x.dtype), kv, attn_mask=bias, need_weights=need_weights)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ln_post(self._attend(x, need_weights=False)[0])  # [M, Q, Din]
+
+    @torch.no_grad()
+    def attention(self, x: torch.Tensor) -> torch.Tensor:
+        """Head-averaged attention weights [M, Q, N] (for measuring locality)."""
+        return self._attend(x, need_weights=True)[1]
 
 
 class MixtureOfAdapters(nn.Module):

@@ -212,3 +212,56 @@ def test_relative_noise_is_scale_free():
     a = survival(LocalConfig(num_queries=16, noise_std=0.5), tokens, text, where, draws=50)
     b = survival(LocalConfig(num_queries=16, noise_std=0.5, score="sum"), tokens, text, where, draws=50)
     assert a == pytest.approx(b, abs=0.02)  # sum = T * mean: the same ranking, the same relative noise
+
+
+# ------------------------------------------------------------------ the compressor keeps where things are
+
+
+def _compressor(kind: str, num_queries=16, dim=64, side=8, seed=0) -> Resampler:
+    from slime.connectors import patch_positions
+    from slime.local import LOCALITY
+
+    torch.manual_seed(seed)
+    return Resampler(num_queries, dim, 4, patch_positions(side), locality=LOCALITY if kind == "local" else None)
+
+
+def effective_keys(weights: torch.Tensor) -> float:
+    """exp(entropy) of each query's attention, averaged: 64 = a mean-pool over an 8x8 crop."""
+    return float((-(weights * weights.clamp_min(1e-12).log()).sum(-1)).exp().mean())
+
+
+def test_local_compressor_starts_on_its_own_cell():
+    x = torch.randn(4, 64, 64)
+    local, upstream = _compressor("local"), _compressor("upstream")
+    w_local, w_up = local.attention(x), upstream.attention(x)  # [M, Q, N]
+    # query (i, j) of the 4x4 grid owns patches (2i..2i+1, 2j..2j+1) of the 8x8 grid
+    own = torch.zeros(16, 64, dtype=torch.bool)
+    for q in range(16):
+        for k in range(64):
+            own[q, k] = (k // 8) // 2 == q // 4 and (k % 8) // 2 == q % 4
+    assert float((w_local * own).sum(-1).mean()) > 0.8 and effective_keys(w_local) < 8
+    assert float((w_up * own).sum(-1).mean()) < 0.2 and effective_keys(w_up) > 40  # upstream init: a mean-pool
+
+
+@pytest.mark.parametrize(("kind", "lo", "hi"), [("local", 0.65, 1.01), ("upstream", 0.0, 0.4)])
+def test_small_detail_survives_compression(kind, lo, hi):
+    """A one-patch detail (one of 4 classes) at a random place in a noisy crop: a nearest-centroid probe on
+    the compressed token covering that patch reads the class (chance 0.25) only if the queries are local."""
+    comp = _compressor(kind)
+    g = torch.Generator().manual_seed(1)
+    classes = torch.randn(4, 64, generator=g)
+
+    def sample(n):
+        x = torch.randn(n, 64, 64, generator=g)
+        y = torch.randint(0, 4, (n,), generator=g)
+        where = torch.randint(0, 64, (n,), generator=g)
+        x[torch.arange(n), where] += 1.5 * classes[y]
+        q = (where // 8) // 2 * 4 + (where % 8) // 2  # the query whose cell holds the detail
+        with torch.no_grad():
+            return comp(x)[torch.arange(n), q], y
+
+    xt, yt = sample(400)
+    xv, yv = sample(400)
+    centroids = torch.stack([xt[yt == c].mean(0) for c in range(4)])
+    acc = float(((xv[:, None] - centroids[None]).norm(dim=-1).argmin(-1) == yv).float().mean())
+    assert lo <= acc < hi, acc
