@@ -1,13 +1,16 @@
 """The end-to-end demo on one machine: synthesise -> pack -> train all phases -> evaluate -> register
 and promote -> serve -> one real request through the official ``openai`` client -> shut down.
 
-Everything runs on an embedded local Ray with the tiny model; every artefact is written under
-``workdir`` (printed at the end). It is the README's first command (``make demo`` = ``slime demo``).
+Everything runs on an embedded local Ray with the ``mini`` preset (a small random model that learns in
+minutes) on the fidelity synth tasks (pipelines/synth_tasks.py: detail questions only the local crops can
+answer, plus global ones); every artefact is written under ``workdir`` (printed at the end). It is the
+README's first command (``make demo`` = ``slime demo``).
 """
 
 from __future__ import annotations
 
 import base64
+import collections
 import io
 import json
 import socket
@@ -18,18 +21,19 @@ from pathlib import Path
 from PIL import Image
 
 from slime.config import load_config, replace
+from slime.presets import preset, save_tiny_checkpoint
 
 
 @dataclass(frozen=True, kw_only=True)
 class DemoConfig:
     workdir: str = "demo_out"
     seed: int = 0
-    num_images: int = 40
-    min_side: int = 800
-    max_side: int = 1400
-    steps_per_phase: int = 6
+    preset: str = "mini"  # the model trained (slime/presets.py); its tile side sizes the images
+    num_images: int = 400
+    tasks: tuple[str, ...] = ("texture", "small_object", "big_color", "big_position")  # synth_tasks.TASKS
+    steps_per_phase: int | None = None  # None = the steps of train_config's phases
     num_workers: int = 2
-    train_config: str  # the run YAML the phases come from (jobs/configs/train_tiny.yaml)
+    train_config: str  # the run YAML the phases come from (jobs/configs/train_demo.yaml)
     num_cpus: float = 4
     port: int = 0  # 0 = a free port on 127.0.0.1
 
@@ -52,6 +56,29 @@ def _data_url(path: Path) -> str:
     return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
+def _print_per_task(raw: Path, predictions: Path) -> None:
+    """Held-out accuracy per task next to chance (the most common training answer), and 3 examples."""
+    answers = collections.defaultdict(collections.Counter)
+    for r in json.loads((raw / "train.json").read_text()):
+        answers[r["task"]][r["conversations"][-1]["value"]] += 1
+    questions = {r["id"]: r["conversations"][0]["value"].replace("<image>", "").strip()
+                 for r in json.loads((raw / "val.json").read_text())}
+    by_task = collections.defaultdict(list)
+    for line in predictions.read_text().splitlines():
+        if line.strip():
+            row = json.loads(line)
+            by_task[row["task"]].append(row)
+    print(f"{'task':<14} {'kind':<7} {'n':>4} {'accuracy':>9} {'chance':>7}")
+    for task, rs in sorted(by_task.items()):
+        guess = answers[task].most_common(1)[0][0] if answers[task] else ""
+        acc, base = (sum(map(f, rs)) / len(rs) for f in (lambda r: bool(r["correct"]),
+                                                          lambda r: r["reference"] == guess))
+        print(f"{task:<14} {rs[0]['qtype']:<7} {len(rs):>4} {acc:>9.3f} {base:>7.3f}")
+    for task in sorted(by_task)[:3]:
+        r = by_task[task][0]
+        print(f"  Q: {questions.get(r['id'], task)}  reference: {r['reference']!r}  answer: {r['prediction']!r}")
+
+
 def run_demo(cfg: DemoConfig) -> dict:
     import openai
     import ray
@@ -70,8 +97,10 @@ def run_demo(cfg: DemoConfig) -> dict:
     timings: dict[str, float] = {}
 
     t = _step("1/6 synthesise high-detail images + LLaVA-format Q&A")
-    synth = generate(SynthConfig(output_dir=str(raw), seed=cfg.seed, num_images=cfg.num_images,
-                                 min_side=cfg.min_side, max_side=cfg.max_side))
+    model_cfg = preset(cfg.preset)
+    synth = generate(SynthConfig(output_dir=str(raw), kind="fidelity", seed=cfg.seed, num_images=cfg.num_images,
+                                 tile=model_cfg.vision.image_size, tasks=cfg.tasks, val_fraction=0.2,
+                                 captions=False, progress=False))
     timings["synth_s"] = time.perf_counter() - t
     print(json.dumps(synth, default=str))
 
@@ -88,11 +117,13 @@ def run_demo(cfg: DemoConfig) -> dict:
     try:
         t = _step("3/6 train I-a -> I-b -> II -> III on Ray Train")
         steps = cfg.steps_per_phase
+        init = save_tiny_checkpoint(work / "init_model", seed=cfg.seed, cfg=model_cfg)
         base = load_config(TrainConfig, cfg.train_config, [f"name=demo-{cfg.seed}", f"storage_path={work / 'runs'}",
-                                                           f"export_dir={models / 'candidate'}",
-                                                           f"data.manifest={wds / 'train'}",
+                                                           f"export_dir={models / 'candidate'}", f"init_from={init}",
+                                                           f"data.manifest={wds / 'train'}", f"seed={cfg.seed}",
                                                            f"scaling.num_workers={cfg.num_workers}"])
-        train_cfg = replace(base, phases=tuple(replace(p, steps=steps, epochs=None) for p in base.phases))
+        train_cfg = base if steps is None else replace(
+            base, phases=tuple(replace(p, steps=steps, epochs=None) for p in base.phases))
         result = train(train_cfg)
         timings["train_s"] = time.perf_counter() - t
         print(json.dumps({k: result[k] for k in ("name", "checkpoint", "export_dir", "phases", "phase_steps")},
@@ -103,6 +134,7 @@ def run_demo(cfg: DemoConfig) -> dict:
                                       output=str(work / "eval" / "metrics.json")))
         timings["evaluate_s"] = time.perf_counter() - t
         print(json.dumps({k: v for k, v in metrics.items() if k != "per_qtype"}, default=str))
+        _print_per_task(raw, work / "eval" / "predictions.jsonl")
 
         t = _step("5/6 register + promote")
         registry = Registry(str(work / "registry"))
@@ -122,7 +154,8 @@ def run_demo(cfg: DemoConfig) -> dict:
         serve.run(build_app(ServeArgs(model=production.model_uri, model_id="slime-tiny")), name="slime",
                   route_prefix="/", blocking=False)
         val = json.loads((raw / "val.json").read_text())
-        record = next(r for r in val if r.get("image") and r.get("qtype") == "detail")
+        detail = [r for r in val if r.get("qtype") == "detail"]
+        record = next((r for r in detail if r.get("task") == "texture"), detail[0])
         question = record["conversations"][0]["value"].replace("<image>", "").strip()
         client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="demo")
         reply = client.chat.completions.create(
