@@ -132,10 +132,10 @@ def targets(tasks: dict) -> dict:
         margin = r["slime-g0.75"]["accuracy"] - r["global-only"]["accuracy"]
         gap = r["slime-g1.0"]["accuracy"] - r["slime-g0.75"]["accuracy"]
         se = (r["slime-g1.0"]["se"] ** 2 + r["slime-g0.75"]["se"] ** 2) ** 0.5
-        ok = margin >= 0.5 and gap <= 2 * se
+        ok = margin >= 0.5 and abs(gap) <= 2 * se
         met = met and ok
         lines.append(f"target {task}: slime-g0.75 - global-only = {margin:+.3f} (>= 0.5: {margin >= 0.5}); "
-                     f"g1.0 - g0.75 = {gap:+.3f} vs 2 SE {2 * se:.3f} ({gap <= 2 * se})")
+                     f"g1.0 - g0.75 = {gap:+.3f} vs 2 SE {2 * se:.3f} ({abs(gap) <= 2 * se})")
     return {"met": met, "lines": lines}
 
 
