@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import tempfile
 import time
 
@@ -68,12 +69,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", default=None)
+    ap.add_argument("--reuse-data", action="store_true", help="keep the images already under --work/raw")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     work = args.work or tempfile.mkdtemp(prefix="slime-learning-")
-    generate(SynthConfig(output_dir=f"{work}/raw", kind="fidelity", seed=args.seed, num_images=args.images,
-                         val_fraction=args.val_images / args.images, captions=False, progress=False))
+    if not (args.reuse_data and os.path.exists(f"{work}/raw/val.json")):
+        generate(SynthConfig(output_dir=f"{work}/raw", kind="fidelity", seed=args.seed, num_images=args.images,
+                             val_fraction=args.val_images / args.images, captions=False, progress=False))
     mini = Miniature(f"{work}/raw", model_config(compressor=args.compressor), seed=args.seed)
     base = chance(mini)
     print(f"data + cached features: {time.perf_counter() - t0:.0f} s; {len(mini.records['train'])} train / "

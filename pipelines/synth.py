@@ -261,7 +261,8 @@ def generate(cfg: SynthConfig) -> dict:
         data = _encode(img, fmt, cfg.jpeg_quality)
         storage.write_bytes_atomic(storage.join(cfg.output_dir, *rel.split("/")), data, cfg.storage)
         image_bytes += len(data)
-        recs = fidelity_records(name, rel, facts, cfg) if cfg.kind == "fidelity" else records_for(name, rel, facts, rng, cfg)
+        recs = (fidelity_records(name, rel, facts, cfg) if cfg.kind == "fidelity"
+                else records_for(name, rel, facts, rng, cfg))
         splits["val" if i in val_images else "train"].extend(recs)
     for split, recs in splits.items():
         body = json.dumps(recs, indent=1, ensure_ascii=False).encode()

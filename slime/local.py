@@ -23,9 +23,10 @@ gather: no gradient reaches the scores.
 Score and noise (``LocalConfig.score`` / ``noise``). Upstream *sums* the cosines over the T text tokens
 (the paper says average) and adds sigma = 0.1 noise, a scale set for sums. Averaging and keeping the
 absolute 0.1 makes the noise 5-17x the spread of untrained scores (std 0.019 on benchmarks/miniature's
-model, 0.006 on the model issue 10 measured), so training-time top-k keeps near-random tokens. Default: the paper's mean, with noise relative to the
-spread of this sample's scores, sigma = noise_std * std(s): the same ranking perturbation whatever
-the score scale (sum = T * mean gives identical selections). In tests/test_local.py, 8 planted tokens
+model, 0.006 on the model issue 10 measured), so training-time top-k keeps near-random tokens.
+Default: the paper's mean, with noise relative to the spread of this sample's scores, sigma =
+noise_std * std(s): the same ranking perturbation whatever the score scale (sum = T * mean gives
+identical selections). In tests/test_local.py, 8 planted tokens
 lifted 2.5 spreads above 88 others survive training-mode selection at gamma 0.5 100 % of the time
 with the default and with upstream's sum + absolute noise, but 64 % with mean + absolute noise
 (chance 50 %). Every combination stays selectable.
