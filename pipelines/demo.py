@@ -75,9 +75,11 @@ def _print_per_task(raw: Path, predictions: Path) -> None:
         acc, base = (sum(map(f, rs)) / len(rs) for f in (lambda r: bool(r["correct"]),
                                                           lambda r: r["reference"] == guess))
         print(f"{task:<14} {rs[0]['qtype']:<7} {len(rs):>4} {acc:>9.3f} {base:>7.3f}")
-    for task in sorted(by_task)[:3]:
-        r = by_task[task][0]
-        print(f"  Q: {questions.get(r['id'], task)}  reference: {r['reference']!r}  answer: {r['prediction']!r}")
+    tasks = sorted(by_task)
+    examples = [by_task[tasks[i % len(tasks)]][i // len(tasks)] for i in range(3)
+                if i // len(tasks) < len(by_task[tasks[i % len(tasks)]])]
+    for r in examples:  # round-robin over the tasks
+        print(f"  Q: {questions.get(r['id'], r['task'])}  reference: {r['reference']!r}  answer: {r['prediction']!r}")
 
 
 def run_demo(cfg: DemoConfig) -> dict:
