@@ -11,14 +11,11 @@ from __future__ import annotations
 
 import base64
 import collections
-import io
 import json
 import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
-
-from PIL import Image
 
 from slime.config import load_config, replace
 from slime.presets import preset, save_tiny_checkpoint
@@ -51,10 +48,10 @@ def _step(title: str) -> float:
 
 
 def _data_url(path: Path) -> str:
-    img = Image.open(path).convert("RGB")
-    buf = io.BytesIO()
-    img.save(buf, format="JPEG", quality=90)
-    return "data:image/jpeg;base64," + base64.b64encode(buf.getvalue()).decode()
+    # The file's own bytes (PNG for the fidelity tasks): re-encoding to JPEG would smear the 1-px
+    # checkerboards the detail question is about (measured: a wrong served answer on seed 1).
+    mime = "image/png" if path.suffix.lower() == ".png" else "image/jpeg"
+    return f"data:{mime};base64," + base64.b64encode(path.read_bytes()).decode()
 
 
 def _print_per_task(raw: Path, predictions: Path) -> None:
