@@ -1,149 +1,145 @@
 """Less is more, in miniature: does the local branch learn what the global view cannot see?
 
-Trains a small random model (frozen random CLIP 112/14 x 64 wide x 4 layers, Llama 128 wide x 4 layers,
-16 queries per local crop) on the synthetic high-detail set, CPU only, through the real pipelines
-(pack -> Ray Data -> Ray Train -> Ray Data evaluation with the serving Predictor), and reports validation
-accuracy per question type for a global-only model, SliME with gamma 1.0 and SliME with gamma 0.75, beside
-the chance level (majority training answer of each task).
+Data: ``slime synth kind=fidelity`` (pipelines/synth_tasks.py), 336x224 images whose 3x2 local crops
+are at 1:1 scale. Local tasks (need the crops by construction): ``texture`` (large 1-px complementary
+checkerboard area, 4 pairs), ``fine_print`` (a digit repeated in 9 px type, 4 digits),
+``small_object`` (a ~19 px checkered square anywhere, 4 pairs). Global tasks: ``big_color`` (4) and
+``big_position`` (3) of one large solid shape. Every task is asked about every image; validation
+images are unseen (>= 400 questions per task by default).
 
-The question types are restricted to what a small model can learn in minutes: ``corner_color`` (detail:
-with ``detail_scale`` 0.03 the mark is 4.5 % of the short side, 27-45 px on 600-1000 px images, i.e. ~5 px
-in the 112 px global view and roughly a 14 px patch in a local crop), ``background`` and ``large_color``
-(global). Captions are not generated.
+"Absent from the global view" is measured: a logistic probe reads each answer from the frozen tower's
+features of the global view (``global_probe``; near chance for the local tasks) and, as a control,
+from the crops' features pooled over patches (``crop_probe``).
 
-    python -m benchmarks.learning [--images 240] [--steps 600] [--pre-steps 30]   # ~17 min on 2 cores
+Model and path: benchmarks/miniature.py (the real SlimeModel, 112 px tiles, 16 queries per crop,
+LocalConfig defaults unless ``--compressor upstream``), frozen-tower features cached once, a direct
+torch loop over the phases (not Ray Train: five variants must fit in 20 minutes on 2 cores).
+
+Variants (same data, same init, same total number of steps):
+    global-only   I-a (projector) -> joint phase on the global view only
+    slime-g1.0    the paper's alternating schedule I-a -> I-b -> II -> III, gamma 1.0 (also 0.75, 0.5)
+    end-to-end    one joint phase from the start, gamma 0.75 (paper Table 4's "end-to-end")
+
+    python -m benchmarks.learning [--seed N] [--steps 400] [--pre-steps 40] [--images 1400]
+
+The last stdout line is one JSON object:
+{"seed": N, "tasks": {TASK: {"kind": "local"|"global", "global_probe": ACC, "crop_probe": ACC, "chance": {...},
+ "results": {VARIANT: {"accuracy": A, "se": SE, "n": N}}}}, "targets_met": bool, ...}
 """
 
 from __future__ import annotations
 
 import argparse
-import collections
 import json
 import os
 import tempfile
 import time
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+import torch
 
-TASKS = ("corner_color", "background", "large_color")  # detail, global, global
-
-
-def chance(train: list[dict], val: list[dict]) -> dict[str, float]:
-    """Accuracy of always answering the most common training answer of the record's task."""
-    by_task = collections.defaultdict(collections.Counter)
-    for r in train:
-        by_task[r["task"]][r["conversations"][-1]["value"]] += 1
-    hits = collections.defaultdict(list)
-    for r in val:
-        guess = by_task[r["task"]].most_common(1)[0][0] if by_task[r["task"]] else ""
-        hit = guess == r["conversations"][-1]["value"]
-        hits[r["qtype"]].append(hit)
-        hits["all"].append(hit)
-    return {q: sum(h) / len(h) for q, h in hits.items()}
+VARIANTS = ("global-only", "slime-g1.0", "slime-g0.75", "slime-g0.5", "end-to-end")
 
 
-def model_config():
-    """tiny() made just large enough to learn: 112 px tiles (64 patches), 16 queries per crop."""
-    from slime.config import replace
-    from slime.presets import tiny
+def crop_probe(mini, task: str) -> float:
+    """Control: the answer read from the crops' features, mean- and max-pooled over all crop patches."""
+    from benchmarks.miniature import probe
 
-    t = tiny()
-    return replace(t, vision=replace(t.vision, image_size=112, patch_size=14, hidden_dim=64, intermediate_dim=128,
-                                     num_layers=4, num_heads=4),
-                   local=replace(t.local, num_queries=16, num_heads=4),
-                   llm=replace(t.llm, hidden_dim=128, intermediate_dim=256, num_layers=4, num_heads=4, num_kv_heads=2),
-                   max_length=320)
+    def x(split):
+        imgs = torch.tensor([mini.image_index[r["image"]] for r in mini.records[split] if r["task"] == task])
+        f = mini.features[imgs][:, 1:].flatten(1, 2)  # [R, n*P', Din]
+        return torch.cat([f.mean(1), f.amax(1), f.std(1)], dim=-1)
 
-
-def schedule(variant: str, steps: int, pre: int, lr_connector: float, lr_joint: float) -> str:
-    ia = (f"{{name: I-a, trainable: [projector], mode: global, forced_expert: 0, lr: {lr_connector}, "
-          f"steps: {pre}}}")
-    if variant == "global-only":
-        joint = (f"{{name: III, trainable: [projector, global_adapter, llm], mode: global, lr: {lr_joint}, "
-                 f"steps: {steps}}}")
-        return f"[{ia}, {joint}]"
-    gamma = {"slime-g1.0": 1.0, "slime-g0.75": 0.75}[variant]
-    ib = (f"{{name: I-b, trainable: [global_adapter.resampler], mode: global, forced_expert: 1, "
-          f"lr: {lr_connector}, steps: {pre}}}")
-    ii = f"{{name: II, trainable: [compressor], mode: local, gamma: 1.0, lr: {lr_connector}, steps: {pre}}}"
-    joint = (f"{{name: III, trainable: [projector, global_adapter, compressor, llm], mode: both, gamma: {gamma}, "
-             f"lr: {lr_joint}, steps: {steps}}}")
-    return f"[{ia}, {ib}, {ii}, {joint}]"
+    return probe(x("train"), mini.answers(task, "train"), x("val"), mini.answers(task, "val"))
 
 
-def main() -> None:
-    import ray
-
-    from pipelines.evaluate import EvalConfig, evaluate
-    from pipelines.pack import PackConfig, pack
+def main(argv: list[str] | None = None) -> dict:
+    from benchmarks.miniature import Miniature, chance, model_config, schedule, view_probe
     from pipelines.synth import SynthConfig, generate
-    from pipelines.train import train
-    from pipelines.train_config import TrainConfig
-    from slime.config import from_dict, load_config
-    from slime.presets import save_tiny_checkpoint
+    from pipelines.synth_tasks import LOCAL_TASKS
 
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--images", type=int, default=240)
-    ap.add_argument("--steps", type=int, default=600, help="joint-phase (III) steps")
-    ap.add_argument("--pre-steps", type=int, default=30, help="steps of each earlier phase (I-a, I-b, II)")
-    ap.add_argument("--micro-batch", type=int, default=8)
-    ap.add_argument("--lr-connector", type=float, default=3e-3, help="phases I-a, I-b, II")
-    ap.add_argument("--lr-joint", type=float, default=1e-3, help="phase III (LLM + connectors)")
-    ap.add_argument("--detail-scale", type=float, default=0.03, help="small-type height / short side")
-    ap.add_argument("--variants", default="global-only,slime-g1.0,slime-g0.75")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--seed", type=int, default=0, help="data, init and batch order")
+    ap.add_argument("--images", type=int, default=1400, help="train + val images")
+    ap.add_argument("--val-images", type=int, default=400)
+    ap.add_argument("--steps", type=int, default=300, help="phase III steps (end-to-end: steps + 3 * pre)")
+    ap.add_argument("--pre-steps", type=int, default=30, help="steps of each of I-a, I-b, II")
+    ap.add_argument("--lr", type=float, default=2e-3)
+    ap.add_argument("--batch", type=int, default=16)
+    ap.add_argument("--compressor", default="local", choices=("local", "upstream"))
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--work", default=None)
-    args = ap.parse_args()
-    work = args.work or tempfile.mkdtemp(prefix="slime-learning-")
+    ap.add_argument("--reuse-data", action="store_true", help="keep the images already under --work/raw")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
-    # 3 detail + 3 global questions per image would be drawn; all 7 templates are asked (4 detail, 3
-    # global), then only TASKS are kept.
-    generate(SynthConfig(output_dir=f"{work}/raw", num_images=args.images, min_side=600, max_side=1000,
-                         val_fraction=0.125, captions=False, progress=False, questions_per_image=7,
-                         detail_fraction=4 / 7, detail_scale=args.detail_scale))
-    recs = {}
-    for split in ("train", "val"):
-        recs[split] = [r for r in json.load(open(f"{work}/raw/{split}.json")) if r["task"] in TASKS]
-        with open(f"{work}/raw/{split}-subset.json", "w") as f:
-            json.dump(recs[split], f)
-        pack(PackConfig(inputs=(f"{work}/raw/{split}-subset.json",), output_dir=f"{work}/wds/{split}",
-                        progress=False))
-    init = str(save_tiny_checkpoint(f"{work}/init_model", seed=0, cfg=model_config()))
-    print(f"data + init model: {time.perf_counter() - t0:.0f} s; train {len(recs['train'])} / val "
-          f"{len(recs['val'])} questions; work dir {work}", flush=True)
-    ray.init(num_cpus=2, include_dashboard=False)
-    table = {"chance (majority per task)": chance(recs["train"], recs["val"])}
+    work = args.work or tempfile.mkdtemp(prefix="slime-learning-")
+    if not (args.reuse_data and os.path.exists(f"{work}/raw/val.json")):
+        generate(SynthConfig(output_dir=f"{work}/raw", kind="fidelity", seed=args.seed, num_images=args.images,
+                             val_fraction=args.val_images / args.images, captions=False, progress=False))
+    mini = Miniature(f"{work}/raw", model_config(compressor=args.compressor), seed=args.seed)
+    base = chance(mini)
+    print(f"data + cached features: {time.perf_counter() - t0:.0f} s; {len(mini.records['train'])} train / "
+          f"{len(mini.records['val'])} val questions; work dir {work}", flush=True)
+
+    tasks = {}
+    for task in base:
+        t = time.perf_counter()
+        tasks[task] = {"kind": "local" if task in LOCAL_TASKS else "global",
+                       "global_probe": view_probe(mini, task, "global"), "crop_probe": crop_probe(mini, task),
+                       "chance": base[task], "results": {}}
+        print(f"probe {task}: global view {tasks[task]['global_probe']:.3f}, crops {tasks[task]['crop_probe']:.3f}, "
+              f"chance {base[task]['accuracy']:.3f} ({time.perf_counter() - t:.0f} s)", flush=True)
+
     walls = {}
     for variant in args.variants.split(","):
-        start = time.perf_counter()
-        cfg = load_config(TrainConfig, "jobs/configs/train_tiny.yaml", [
-            f"name=learn-{variant}", f"storage_path={work}/runs", f"export_dir={work}/models/{variant}",
-            f"init_from={init}", f"data.manifest={work}/wds/train", "data.shuffle=files",
-            f"phases={schedule(variant, args.steps, args.pre_steps, args.lr_connector, args.lr_joint)}",
-            "scaling.num_workers=1", "scaling.resources_per_worker={CPU: 1}",
-            f"optim.micro_batch_size={args.micro_batch}", "optim.warmup_ratio=0.05",
-            "checkpoint.every_steps=100000", "checkpoint.num_to_keep=1", "logging.every_steps=50",
-            "logging.tensorboard=false", "seed=0"])
-        train(cfg)
-        trained = time.perf_counter()
-        m = evaluate(from_dict(EvalConfig, {
-            "model": f"{work}/models/{variant}", "data": {"val": f"{work}/wds/val"},
-            "output": f"{work}/eval/{variant}/metrics.json", "max_tokens": 4, "batch_size": 16,
-            "mode": "global" if variant == "global-only" else "both"}))
-        walls[variant] = (trained - start, time.perf_counter() - trained)
-        table[variant] = {"all": m["accuracy"], **{q: v["accuracy"] for q, v in m["per_qtype"].items()}}
-        preds = [json.loads(x) for x in open(f"{work}/eval/{variant}/predictions.jsonl")]
-        print(variant, json.dumps(table[variant]), "sample predictions:",
-              [(p["task"], p["reference"], p["prediction"]) for p in preds[:6]], flush=True)
-    n_val = len(recs["val"])
-    counts = collections.Counter(r["qtype"] for r in recs["val"])
-    print(f"\n| model | all | detail (n={counts['detail']}) | global (n={counts['global']}) | train s | eval s |")
-    print("|---|---|---|---|---|---|")
-    for name, row in table.items():
-        tw, ew = walls.get(name, (0.0, 0.0))
-        print(f"| {name} | {row.get('all', 0):.3f} | {row.get('detail', 0):.3f} | {row.get('global', 0):.3f} | "
-              f"{tw:.0f} | {ew:.0f} |")
-    print(f"\nval: {n_val} questions on {round(args.images * 0.125)} unseen images; tasks {list(TASKS)}; "
-          f"total wall {time.perf_counter() - t0:.0f} s; work dir {work}")
+        t = time.perf_counter()
+        model = mini.fresh_model()
+        phases = schedule(variant, args.steps, args.pre_steps, lr=args.lr)
+        losses = mini.train(model, phases, batch_size=args.batch, seed=args.seed)
+        last = phases[-1]
+        acc = mini.accuracy(model, last.mode, last.gamma)
+        walls[variant] = round(time.perf_counter() - t, 1)
+        for task, a in acc.items():
+            tasks[task]["results"][variant] = a
+        print(f"{variant}: {sum(p.steps for p in phases)} steps, final loss {sum(losses[-20:]) / 20:.3f}, "
+              f"{walls[variant]:.0f} s; " + ", ".join(f"{k} {v['accuracy']:.3f}" for k, v in acc.items()), flush=True)
+
+    names = ["chance"] + args.variants.split(",")
+    print("\n| task | kind | global probe | " + " | ".join(names) + " |")
+    print("|---|---|---|" + "---|" * len(names))
+    for task, row in tasks.items():
+        res = {"chance": row["chance"], **row["results"]}
+        cells = [f"{res[v]['accuracy']:.3f} ± {res[v]['se']:.3f}" for v in names]
+        print(f"| {task} | {row['kind']} | {row['global_probe']:.3f} | " + " | ".join(cells) + " |")
+    checks = targets(tasks)
+    for line in checks["lines"]:
+        print(line)
+    total = round(time.perf_counter() - t0, 1)
+    print(f"\nwall {total:.0f} s (variants {walls}); compressor {args.compressor}; n per task "
+          f"{next(iter(tasks.values()))['chance']['n']}")
+    out = {"seed": args.seed, "tasks": tasks, "targets_met": checks["met"], "wall_s": total, "variant_wall_s": walls,
+           "compressor": args.compressor, "steps": {"pre": args.pre_steps, "III": args.steps}}
+    print(json.dumps(out))
+    return out
+
+
+def targets(tasks: dict) -> dict:
+    """Issue 10: SliME (gamma 0.75) beats global-only by >= 0.5 on every local task; gamma 0.75 within 2 SE
+    (of the difference) of gamma 1.0 on every local task."""
+    lines, met = [], True
+    for task, row in tasks.items():
+        r = row["results"]
+        if row["kind"] != "local" or not {"global-only", "slime-g0.75", "slime-g1.0"} <= set(r):
+            continue
+        margin = r["slime-g0.75"]["accuracy"] - r["global-only"]["accuracy"]
+        gap = r["slime-g1.0"]["accuracy"] - r["slime-g0.75"]["accuracy"]
+        se = (r["slime-g1.0"]["se"] ** 2 + r["slime-g0.75"]["se"] ** 2) ** 0.5
+        ok = margin >= 0.5 and abs(gap) <= 2 * se
+        met = met and ok
+        lines.append(f"target {task}: slime-g0.75 - global-only = {margin:+.3f} (>= 0.5: {margin >= 0.5}); "
+                     f"g1.0 - g0.75 = {gap:+.3f} vs 2 SE {2 * se:.3f} ({abs(gap) <= 2 * se})")
+    return {"met": met, "lines": lines}
 
 
 if __name__ == "__main__":

@@ -13,6 +13,10 @@ shape names, digits, a few letters), so exact match is a meaningful metric for a
 ``qtype`` "detail" (needs the small details), "global" (answerable from the global view) and
 "caption" (one descriptive sentence, for the connector pre-training phase). ``task`` names the
 question template. Same seed -> byte-identical JSON and identical pixels.
+
+``kind="fidelity"`` instead draws the tasks of ``pipelines.synth_tasks``: 3*tile x 2*tile lossless images
+whose detail questions need the local crops by construction (fine texture, fine print, one small
+patterned object) plus two global questions; every task is asked about every image.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ import math
 import random
 import time
 from dataclasses import dataclass, field
+from typing import Literal
 
 from PIL import Image, ImageDraw, ImageFont
 from tqdm import tqdm
@@ -45,6 +50,7 @@ CORNERS = ("top-left", "top-right", "bottom-left", "bottom-right")
 @dataclass(frozen=True, kw_only=True)
 class SynthConfig:
     output_dir: str  # local dir or s3:// prefix; gets images/, train.json, val.json
+    kind: Literal["scene", "fidelity"] = "scene"
     seed: int = 0
     num_images: int = 64
     val_fraction: float = 0.125  # whole images go to val, so val questions are about unseen images
@@ -56,6 +62,8 @@ class SynthConfig:
     questions_per_image: int = 3  # QA records per image (detail/global mix), plus one caption
     detail_fraction: float = 0.6
     captions: bool = True
+    tile: int = 112  # fidelity: the model's tile side; images are 3*tile x 2*tile (crops at 1:1)
+    tasks: tuple[str, ...] = ()  # fidelity: tasks to ask (empty = all of synth_tasks.TASKS)
     progress: bool = True
     storage: StorageConfig = field(default_factory=StorageConfig)
 
@@ -66,6 +74,14 @@ class SynthConfig:
             raise ValueError(f"val_fraction must be in [0, 1), got {self.val_fraction}")
         if self.num_images < 1:
             raise ValueError(f"num_images must be >= 1, got {self.num_images}")
+        if self.kind == "fidelity":
+            from pipelines.synth_tasks import TASKS  # noqa: PLC0415 (synth_tasks imports this module)
+
+            unknown = [t for t in self.tasks if t not in TASKS]
+            if unknown:
+                raise ValueError(f"tasks: {unknown[0]!r} is not one of {list(TASKS)}")
+            if self.tile < 28:
+                raise ValueError(f"tile must be >= 28, got {self.tile}")
 
 
 def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
@@ -203,6 +219,17 @@ def records_for(name: str, image: str, facts: dict, rng: random.Random, cfg: Syn
     return out
 
 
+def fidelity_records(name: str, image: str, facts: dict, cfg: SynthConfig) -> list[dict]:
+    from pipelines.synth_tasks import TASKS, fidelity_caption, fidelity_questions  # noqa: PLC0415
+
+    qs = fidelity_questions(facts, cfg.tasks or TASKS)
+    out = [_record(f"{name}-{t}", image, q, a, qtype, t) for t, (qtype, q, a) in qs.items()]
+    if cfg.captions:
+        out.append(_record(f"{name}-caption", image, "Describe the image briefly.", fidelity_caption(facts),
+                           "caption", "caption"))
+    return out
+
+
 def _encode(img: Image.Image, fmt: str, quality: int) -> bytes:
     buf = io.BytesIO()
     if fmt == "png":
@@ -221,14 +248,22 @@ def generate(cfg: SynthConfig) -> dict:
     image_bytes = 0
     for i in tqdm(range(cfg.num_images), desc="synth", unit="img", disable=not cfg.progress):
         rng = random.Random(f"{cfg.seed}:{i}")  # str seeds hash with sha512: stable across processes
-        img, facts = render_image(rng, cfg)
-        fmt = "png" if rng.random() < cfg.png_fraction else "jpg"
+        if cfg.kind == "fidelity":
+            from pipelines.synth_tasks import render_fidelity_image  # noqa: PLC0415
+
+            img, facts = render_fidelity_image(rng, cfg.tile)
+            fmt = "png"  # lossless: JPEG would smear the 1-px patterns the local tasks are about
+        else:
+            img, facts = render_image(rng, cfg)
+            fmt = "png" if rng.random() < cfg.png_fraction else "jpg"
         name = f"s{cfg.seed}-{i:06d}"
         rel = f"images/{name}.{fmt}"
         data = _encode(img, fmt, cfg.jpeg_quality)
         storage.write_bytes_atomic(storage.join(cfg.output_dir, *rel.split("/")), data, cfg.storage)
         image_bytes += len(data)
-        splits["val" if i in val_images else "train"].extend(records_for(name, rel, facts, rng, cfg))
+        recs = (fidelity_records(name, rel, facts, cfg) if cfg.kind == "fidelity"
+                else records_for(name, rel, facts, rng, cfg))
+        splits["val" if i in val_images else "train"].extend(recs)
     for split, recs in splits.items():
         body = json.dumps(recs, indent=1, ensure_ascii=False).encode()
         storage.write_bytes_atomic(storage.join(cfg.output_dir, f"{split}.json"), body, cfg.storage)

@@ -18,6 +18,9 @@ import yaml
 ConnectorKind = Literal["mlp", "sti", "sci", "dci"]
 GlobalKind = Literal["mlp", "moa"]
 SelectionKind = Literal["topk", "nucleus"]
+ScoreKind = Literal["mean", "sum"]
+NoiseKind = Literal["relative", "absolute"]
+CompressorKind = Literal["local", "upstream"]
 TilingKind = Literal["area", "grid"]
 GlobalViewKind = Literal["resize", "pad"]
 VisualMode = Literal["global", "local", "both"]
@@ -82,12 +85,15 @@ class GlobalConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class LocalConfig:
-    """Local branch: QueryCompressor per crop + TextGuidedSelector."""
+    """Local branch: QueryCompressor per crop + TextGuidedSelector (slime/local.py says why the defaults)."""
 
     num_queries: int = 144
     num_heads: int = 8
+    compressor: CompressorKind = "local"  # local: each query starts on its own cell; upstream: no prior
     gamma: float = 1.0  # kept fraction of local tokens
     selection: SelectionKind = "topk"
+    score: ScoreKind = "mean"  # mean cosine over instruction tokens (paper) or their sum (upstream code)
+    noise: NoiseKind = "relative"  # relative: noise_std * std of the scores; absolute: noise_std itself
     noise_std: float = 0.1
     temperature: float = 1.0
 
@@ -96,6 +102,8 @@ class LocalConfig:
             raise ValueError(f"local.num_queries must be a perfect square (a query grid), got {self.num_queries}")
         if not 0.0 < self.gamma <= 1.0:
             raise ValueError(f"local.gamma must be in (0, 1], got {self.gamma}")
+        if self.noise_std < 0:
+            raise ValueError(f"local.noise_std must be >= 0, got {self.noise_std}")
 
 
 @dataclass(frozen=True, kw_only=True)

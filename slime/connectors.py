@@ -119,11 +119,20 @@ class MLPProjector(nn.Module):
         return self.linear_2(self.act(self.linear_1(x)))
 
 
+def locality_bias(query_pos: torch.Tensor, key_pos: torch.Tensor, sigma: float) -> torch.Tensor:
+    """Gaussian prior on attention logits, -|p_q - p_k|^2 / (2 sigma^2): [Q, 2], [N, 2] -> [Q, N]."""
+    return -torch.cdist(query_pos, key_pos).square() / (2 * sigma * sigma)
+
+
 class Resampler(nn.Module):
-    """Q learned queries cross-attend once to the tokens of each tile: [M, N, Din] -> [M, Q, Din]."""
+    """Q learned queries cross-attend once to the tokens of each tile: [M, N, Din] -> [M, Q, Din].
+
+    ``locality`` (in query cells, None = off) adds a fixed Gaussian prior to the attention logits so
+    each query starts on the keys of its own cell of the query grid (see slime/local.py for why the
+    local compressor needs it); content logits still add to it, and it is a buffer, not a weight."""
 
     def __init__(self, num_queries: int, dim: int, num_heads: int, key_positions: torch.Tensor,
-                 query_pos: torch.Tensor | None = None) -> None:
+                 query_pos: torch.Tensor | None = None, locality: float | None = None) -> None:
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"resampler width {dim} is not divisible by num_heads {num_heads}")
@@ -137,6 +146,11 @@ class Resampler(nn.Module):
         # Fixed tables, recomputed from geometry (never trained, never saved).
         self.register_buffer("query_pos", sincos_2d(qpos, dim), persistent=False)
         self.register_buffer("key_pos", sincos_2d(key_positions, dim), persistent=False)
+        bias = None
+        if locality is not None:
+            cell = key_side / math.isqrt(num_queries)  # query cell side in key patches
+            bias = locality_bias(qpos, key_positions.float(), locality * cell)
+        self.register_buffer("attn_bias", bias, persistent=False)  # [Q, N] or None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -145,11 +159,19 @@ class Resampler(nn.Module):
         for ln in (self.ln_q, self.ln_kv, self.ln_post):
             ln.reset_parameters()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _attend(self, x: torch.Tensor, need_weights: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
         kv = self.ln_kv(x)  # [M, N, Din]
         q = (self.ln_q(self.query) + self.query_pos.to(x.dtype)).unsqueeze(0).expand(x.shape[0], -1, -1)
-        out, _ = self.attn(q, kv + self.key_pos.to(x.dtype), kv, need_weights=False)  # [M, Q, Din]
-        return self.ln_post(out)
+        bias = None if self.attn_bias is None else self.attn_bias.to(x.dtype)
+        return self.attn(q, kv + self.key_pos.to(x.dtype), kv, attn_mask=bias, need_weights=need_weights)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.ln_post(self._attend(x, need_weights=False)[0])  # [M, Q, Din]
+
+    @torch.no_grad()
+    def attention(self, x: torch.Tensor) -> torch.Tensor:
+        """Head-averaged attention weights [M, Q, N] (for measuring locality)."""
+        return self._attend(x, need_weights=True)[1]
 
 
 class MixtureOfAdapters(nn.Module):

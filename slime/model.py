@@ -24,7 +24,7 @@ from torch import nn
 
 from slime.config import ModelConfig, VisualMode
 from slime.connectors import DenseConnector, MixtureOfAdapters, MLPProjector, Resampler
-from slime.local import QueryCompressor, TextGuidedSelector, raster_layout
+from slime.local import LOCALITY, QueryCompressor, TextGuidedSelector, raster_layout
 
 IGNORE_INDEX = -100
 
@@ -201,7 +201,9 @@ def build_visual_parts(cfg: ModelConfig, llm_width: int, vision_hf_config: dict 
         resampler = Resampler(connector.num_tokens, din, cfg.global_branch.num_heads, connector.positions,
                               query_pos=connector.positions)
         global_adapter = MixtureOfAdapters(resampler, din, cfg.global_branch.gate_noise)
-    compressor = QueryCompressor(Resampler(cfg.local.num_queries, din, cfg.local.num_heads, connector.positions))
+    locality = LOCALITY if cfg.local.compressor == "local" else None
+    compressor = QueryCompressor(Resampler(cfg.local.num_queries, din, cfg.local.num_heads, connector.positions,
+                                           locality=locality))
     return dict(vision=vision, connector=connector, projector=projector, global_adapter=global_adapter,
                 compressor=compressor, selector=TextGuidedSelector(cfg.local))
 

@@ -1,7 +1,8 @@
 """Named model configurations.
 
 ``tiny`` builds a random tiny CLIP + tiny Llama and an offline tokenizer: the whole pipeline runs on a
-laptop CPU with it. The real presets describe the released SliME configurations and build nothing
+laptop CPU with it; ``mini`` is the same a little larger, enough to learn the fidelity tasks (demo,
+benchmarks.learning). The real presets describe the released SliME configurations and build nothing
 until they are given checkpoint paths (local or s3://).
 """
 
@@ -39,14 +40,28 @@ def tiny_vllm(kind: str = "llama") -> ModelConfig:
                    llm=replace(cfg.llm, kind=kind, num_heads=2, num_kv_heads=1))
 
 
+def mini() -> ModelConfig:
+    """tiny() made just large enough to learn the fidelity tasks in minutes on a CPU: 112 px tiles (8x8
+    patches of 14 px), a 64-wide 4-block random CLIP, 16 queries per crop, a 128-wide 4-layer Llama."""
+    t = tiny()
+    return replace(t, vision=replace(t.vision, image_size=112, patch_size=14, hidden_dim=64, intermediate_dim=128,
+                                     num_layers=4, num_heads=4),
+                   local=replace(t.local, num_queries=16, num_heads=4),
+                   llm=replace(t.llm, hidden_dim=128, intermediate_dim=256, num_layers=4, num_heads=4, num_kv_heads=2),
+                   max_length=320)
+
+
 def _real(llm: LLMConfig, template: str) -> ModelConfig:
     return ModelConfig(vision=CLIP_L_336, connector=ConnectorConfig(kind="mlp"), global_branch=GlobalConfig(),
-                       local=LocalConfig(num_queries=144, num_heads=8, gamma=0.95), tiling=TilingConfig(),
+                       # upstream compressor (no locality prior): the released weights were trained without it
+                       local=LocalConfig(num_queries=144, num_heads=8, gamma=0.95, compressor="upstream"),
+                       tiling=TilingConfig(),
                        llm=llm, template=template, max_length=2048, dtype="bfloat16")
 
 
 PRESETS = {
     "tiny": tiny,
+    "mini": mini,
     "slime-7b": lambda: _real(LLMConfig(kind="llama", hidden_dim=4096, intermediate_dim=11008, num_layers=32,
                                         num_heads=32, num_kv_heads=32, vocab_size=32000), "vicuna_v1"),
     "slime-8b": lambda: _real(LLMConfig(kind="llama", hidden_dim=4096, intermediate_dim=14336, num_layers=32,
@@ -69,7 +84,7 @@ def preset(name: str, *, vision_path: str | None = None, llm_path: str | None = 
 
 def require_weights(name: str, cfg: ModelConfig) -> None:
     """Real presets never build multi-billion-parameter random models: they need checkpoint paths."""
-    if name != "tiny" and not (cfg.vision.path and cfg.llm.path):
+    if name not in ("tiny", "mini") and not (cfg.vision.path and cfg.llm.path):
         raise ValueError(f"preset {name!r} builds nothing without checkpoint paths: pass vision.path (e.g. a local "
                          f"or s3:// copy of clip-vit-large-patch14-336) and llm.path")
 

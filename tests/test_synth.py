@@ -8,6 +8,7 @@ import os
 import random
 
 import numpy as np
+import pytest
 from PIL import Image, ImageFont
 
 from jobs import synth as synth_job
@@ -108,3 +109,44 @@ def test_job_entry_point(tmp_path, capsys):
     assert rc == 0 and json.loads(capsys.readouterr().out)["images"] == 3
     assert synth_job.main(["--config", cfg_path, "num_imagez=3"]) == 2
     assert "num_imagez" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------ fidelity tasks (local by construction)
+
+
+def test_fidelity_images_draw_their_answers(tmp_path):
+    from pipelines.synth_tasks import PAIRS, POSITIONS, TASKS, render_fidelity_image
+
+    cfg = _cfg(tmp_path, kind="fidelity", num_images=6, tile=112, captions=False)
+    summary = generate(cfg)
+    records = json.loads((tmp_path / "train.json").read_text()) + json.loads((tmp_path / "val.json").read_text())
+    assert summary["train_records"] + summary["val_records"] == 6 * len(TASKS)  # every task about every image
+    assert {r["qtype"] for r in records if r["task"] in ("texture", "fine_print", "small_object")} == {"detail"}
+    for i in range(cfg.num_images):
+        _, facts = render_fidelity_image(random.Random(f"{cfg.seed}:{i}"), 112)
+        img = Image.open(tmp_path / "images" / f"s{cfg.seed}-{i:06d}.png")
+        assert img.format == "PNG" and img.size == (336, 224)  # 3x2 crops of 112 px at 1:1
+        px = np.asarray(img.convert("RGB")).astype(int)
+        answers = {r["task"]: r["conversations"][1]["value"] for r in records if r["id"].startswith(f"s0-{i:06d}-")}
+        assert answers == {t: str(facts[t]) for t in TASKS}
+        for task, box in (("texture", facts["texture_box"]), ("small_object", facts["small_box"])):
+            x0, y0, x1, y1 = box
+            a, b = (np.asarray(c) for c in PAIRS[facts[task]])
+            patch = px[y0:y1, x0:x1]
+            even = (np.add.outer(np.arange(y1 - y0), np.arange(x1 - x0)) % 2 == 0)
+            assert (patch[even] == a).all() and (patch[~even] == b).all()  # a 1-px checkerboard of the pair
+            assert np.abs(patch.reshape(-1, 3).mean(0) - 128).max() < 3  # ... that averages to mid-grey
+        x0, y0, x1, y1 = facts["print_box"]
+        assert (px[y0:y1, x0:x1].max(-1) < 90).sum() > 20  # dark glyph pixels in the fine-print box
+        cx = (facts["big_box"][0] + facts["big_box"][2]) / 2
+        assert facts["big_position"] == POSITIONS[int(cx // 112)]
+
+
+def test_fidelity_task_selection_and_validation(tmp_path):
+    generate(_cfg(tmp_path, kind="fidelity", num_images=2, tile=56, tasks=("texture", "big_color"), captions=True,
+                  val_fraction=0.0))
+    records = json.loads((tmp_path / "train.json").read_text())
+    assert sorted(r["task"] for r in records) == ["big_color", "big_color", "caption", "caption", "texture", "texture"]
+    assert Image.open(tmp_path / records[0]["image"]).size == (168, 112)
+    with pytest.raises(ValueError, match="tasks"):
+        SynthConfig(output_dir=str(tmp_path), kind="fidelity", tasks=("nope",))
