@@ -319,6 +319,26 @@ def load_image(url: str, limits: Limits, param: str = "messages") -> Image.Image
 # --------------------------------------------------------------------------- responses
 
 
+def models_body(model_id: str) -> dict:
+    """GET /v1/models: the one model this app serves."""
+    return {"object": "list", "data": [{"id": model_id, "object": "model", "created": 0, "owned_by": "slime-ray"}]}
+
+
+async def read_chat(body: bytes, limits: Limits, model_id: str) -> tuple[ParsedChat, Any]:
+    """Body -> (the parsed request, a ``slime.predictor.ChatRequest`` with its images loaded). Both engines'
+    ingresses call this, so they reject the same requests the same way."""
+    import asyncio
+
+    from slime.predictor import ChatRequest
+
+    parsed = to_chat(parse_body(body, limits), limits)
+    if parsed.model not in (None, model_id):
+        raise InputError(f"model {parsed.model!r} is not served here (serving {model_id!r})",
+                         param="model", code="model_not_found", status=404)
+    images = [await asyncio.to_thread(load_image, url, limits, param) for url, param in parsed.images]
+    return parsed, ChatRequest(**{**parsed.chat, "images": images})
+
+
 def new_id() -> str:
     return f"chatcmpl-{uuid.uuid4().hex[:24]}"
 

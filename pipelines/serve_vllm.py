@@ -119,20 +119,14 @@ class VllmServer:
     @api.get("/v1/models")
     async def models(self, request: Request) -> JSONResponse:
         authorize(request, self.args.api_key)
-        return JSONResponse({"object": "list", "data": [{"id": self.model_id, "object": "model", "created": 0,
-                                                          "owned_by": "slime-ray"}]})
+        return JSONResponse(oai.models_body(self.model_id))
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
         start, status = time.perf_counter(), 500
         try:
             authorize(request, self.args.api_key)
-            parsed = oai.to_chat(oai.parse_body(await request.body(), self.limits), self.limits)
-            if parsed.model not in (None, self.model_id):
-                raise InputError(f"model {parsed.model!r} is not served here (serving {self.model_id!r})",
-                                 param="model", code="model_not_found", status=404)
-            images = [await asyncio.to_thread(oai.load_image, url, self.limits, param) for url, param in parsed.images]
-            req = ChatRequest(**{**parsed.chat, "images": images})
+            parsed, req = await oai.read_chat(await request.body(), self.limits, self.model_id)
             if parsed.stream:
                 response = await self._stream(req, parsed.include_usage, parsed.logprobs)
                 status = 200
