@@ -85,13 +85,13 @@ def run_demo(cfg: DemoConfig) -> dict:
     from ray import serve
 
     from pipelines.console import quiet_driver_logs, quiet_ray_init_kwargs, ray_log_dir
-    from pipelines.evaluate import EvalConfig, EvalDataSection, evaluate
     from pipelines.data.pack import PackConfig, pack, read_manifest
+    from pipelines.data.synth import SynthConfig, generate
+    from pipelines.evaluate import EvalConfig, EvalDataSection, evaluate
     from pipelines.lifecycle.registry import Registry
     from pipelines.serve.app import ServeArgs, build_app
-    from pipelines.data.synth import SynthConfig, generate
-    from pipelines.train.loop import train
     from pipelines.train.config import TrainConfig
+    from pipelines.train.loop import train
 
     work = Path(cfg.workdir).resolve()
     raw, wds, models = work / "raw", work / "wds", work / "models"

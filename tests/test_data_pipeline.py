@@ -18,7 +18,7 @@ from PIL import Image
 
 from pipelines import storage
 from pipelines.data.ingest import (CONTRACT_COLUMNS, DataConfig, build_dataset, data_metrics, list_shards,
-                            torch_batch_kwargs)
+                                   torch_batch_kwargs)
 from pipelines.data.pack import PackConfig, pack
 from pipelines.data.preprocess import load_vision, sample_hash
 from pipelines.storage import StorageConfig

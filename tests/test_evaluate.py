@@ -87,9 +87,9 @@ def test_two_models_keep_two_results(ray_session, tmp_path):
     refuses to replace a's result unless asked, and says so when asked."""
     import shutil
 
-    from pipelines.evaluate import EvalConfig, EvalDataSection, evaluate
     from pipelines.data.pack import PackConfig, pack
     from pipelines.data.synth import SynthConfig, generate
+    from pipelines.evaluate import EvalConfig, EvalDataSection, evaluate
     from slime.presets import save_tiny_checkpoint
 
     a = save_tiny_checkpoint(tmp_path / "models" / "a")

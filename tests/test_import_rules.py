@@ -151,7 +151,7 @@ def test_importing_a_stage_package_is_free():
     code = ("import sys; import pipelines.data, pipelines.train, pipelines.serve, pipelines.lifecycle; "
             "import pipelines.serve.engine, pipelines.train.config; "
             "print(sorted(m for m in ('ray.serve', 'ray.train', 'fastapi', 'vllm', 'deepspeed') if m in sys.modules))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=False)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip().splitlines()[-1] == "[]"
 

@@ -15,8 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipelines.train.parallel import cosine_with_warmup, deepspeed_config
 from pipelines.train.config import OptimConfig, TrainConfig, expand_phases
+from pipelines.train.parallel import cosine_with_warmup, deepspeed_config
 from slime.config import load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "jobs" / "configs"

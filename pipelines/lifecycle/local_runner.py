@@ -13,8 +13,8 @@ from slime.config import load_config
 
 
 def _train(args: list[str]) -> None:
-    from pipelines.train.loop import train
     from pipelines.train.config import TrainConfig
+    from pipelines.train.loop import train
 
     train(load_config(TrainConfig, args[1], args[2:]))
 
