@@ -11,7 +11,7 @@ Baseline: webdataset.WebDataset -> map -> DataLoader(num_workers=2).
 Reported: end to end (first request to last batch, Ray start-up excluded and included), steady state
 (rows after the first batch / time since it), the ratio Ray / baseline (target >= 0.9), and the rate of
 one Preprocessor on one core (what each actor adds on a real cluster). Not part of the test suite.
-Shape legend: see pipelines/preprocess.py (T max_length · M max tiles · S tile side).
+Shape legend: see pipelines/data/preprocess.py (T max_length · M max tiles · S tile side).
 """
 
 from __future__ import annotations
@@ -110,7 +110,7 @@ def run_baseline(model: str, shards: list[str], batch_size: int, workers: int) -
 def run_ray(model: str, shards: list[str], args) -> dict:
     import ray
 
-    from pipelines.data import DataConfig, build_dataset, data_metrics, torch_batch_kwargs
+    from pipelines.data.ingest import DataConfig, build_dataset, data_metrics, torch_batch_kwargs
 
     t0 = time.perf_counter()
     if not ray.is_initialized():
@@ -133,7 +133,7 @@ def per_actor_rate(model: str, shards: list[str], batch_size: int, num: int = 48
     """One Preprocessor in this process (one core): images/s of the work each actor does."""
     import tarfile
 
-    from pipelines.preprocess import Preprocessor
+    from pipelines.data.preprocess import Preprocessor
 
     rows = []
     with tarfile.open(shards[0]) as tar:
@@ -143,7 +143,7 @@ def per_actor_rate(model: str, shards: list[str], batch_size: int, num: int = 48
             rows.append((name[:-5], members[name[:-5] + ".jpg"], members[name]))
     rows = (rows * (num // len(rows) + 1))[:num]
     pre = Preprocessor(model=model, mode="both", gamma=None, output="pixels", storage_cfg=None, metrics_name="unused")
-    import pipelines.preprocess as pp
+    import pipelines.data.preprocess as pp
 
     counts = {}
     pp._report = lambda name, c: counts.update(c)  # no Ray here: keep the last batch's counters

@@ -1,6 +1,6 @@
 """Less is more, in miniature: does the local branch learn what the global view cannot see?
 
-Data: ``slime synth kind=fidelity`` (pipelines/synth_tasks.py), 336x224 images whose 3x2 local crops
+Data: ``slime synth kind=fidelity`` (pipelines/data/synth_tasks.py), 336x224 images whose 3x2 local crops
 are at 1:1 scale. Local tasks (need the crops by construction): ``texture`` (large 1-px complementary
 checkerboard area, 4 pairs), ``fine_print`` (a digit repeated in 9 px type, 4 digits),
 ``small_object`` (a ~19 px checkered square anywhere, 4 pairs). Global tasks: ``big_color`` (4) and
@@ -54,8 +54,8 @@ def crop_probe(mini, task: str) -> float:
 
 def main(argv: list[str] | None = None) -> dict:
     from benchmarks.miniature import Miniature, chance, model_config, schedule, view_probe
-    from pipelines.synth import SynthConfig, generate
-    from pipelines.synth_tasks import LOCAL_TASKS
+    from pipelines.data.synth import SynthConfig, generate
+    from pipelines.data.synth_tasks import LOCAL_TASKS
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--seed", type=int, default=0, help="data, init and batch order")

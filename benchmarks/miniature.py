@@ -1,6 +1,6 @@
 """SliME in miniature: a fast harness that trains the real ``slime`` modules on the fidelity tasks.
 
-Path (said plainly, because it is not the Ray pipeline): images from ``pipelines.synth`` (kind
+Path (said plainly, because it is not the Ray pipeline): images from ``pipelines.data.synth`` (kind
 "fidelity") go through the real ``SlimeProcessor`` (tiling, template, ``<image>`` expansion) and, once,
 through the frozen random vision tower + Dense Connector; the fused features are cached and fed to
 ``SlimeModel`` through its ``vision_features`` input (the pipeline's features mode). Training is a

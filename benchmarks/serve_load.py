@@ -82,7 +82,7 @@ def deploy(model: str, engine: str, base_url: str, max_tokens: int) -> float:
     import httpx
     from ray import serve
 
-    from pipelines.serve import build_app
+    from pipelines.serve.app import build_app
 
     args = dict(model=model, model_id="bench", engine=engine, num_cpus=0.5, max_batch_size=8,
                 batch_wait_timeout_s=0.01, max_ongoing_requests=32, max_num_seqs=16, max_tokens=max_tokens,

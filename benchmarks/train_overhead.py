@@ -1,4 +1,4 @@
-"""Ray Train overhead: samples/s of the real training loop (pipelines.train.train_loop_per_worker, 1 Ray
+"""Ray Train overhead: samples/s of the real training loop (pipelines.train.loop.train_loop_per_worker, 1 Ray
 Train worker, batches from Ray Data) against a plain single-process torch loop over the same preprocessed
 samples and the same model, in the same run. Target ratio >= 0.9.
 
@@ -35,7 +35,7 @@ os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 def samples(n_images: int, model_dir: str, root: str) -> list[dict]:
     from PIL import Image
 
-    from pipelines.synth import SynthConfig, generate
+    from pipelines.data.synth import SynthConfig, generate
     from slime.checkpoint import load_config
     from slime.processing import SlimeProcessor
     from transformers import AutoTokenizer
@@ -89,7 +89,7 @@ def _worker(config: dict) -> None:
     """The real loop, with the driver's intra-op thread count (Ray sets OMP_NUM_THREADS from the CPUs)."""
     import torch
 
-    from pipelines.train import train_loop_per_worker
+    from pipelines.train.loop import train_loop_per_worker
 
     torch.set_num_threads(config.pop("threads"))
     print(f"[overhead] worker torch threads: {torch.get_num_threads()}", flush=True)
@@ -102,7 +102,7 @@ def ray_loop(model_dir: str, rows: list[dict], steps: int, batch: int, threads: 
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from pipelines.train_config import TrainConfig
+    from pipelines.train.config import TrainConfig
     from slime.config import load_config, to_dict
 
     cfg = load_config(TrainConfig, None, [

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 
 from jobs.common import job_parser, load_job_config, run_job
-from pipelines.pack import PackConfig, pack
+from pipelines.data.pack import PackConfig, pack
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 
-from pipelines.registry import Registry
+from pipelines.lifecycle.registry import Registry
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,8 +10,8 @@ import argparse
 import json
 
 from pipelines import storage
-from pipelines.registry import Registry
-from pipelines.scheduler import read_manifest
+from pipelines.lifecycle.registry import Registry
+from pipelines.lifecycle.scheduler import read_manifest
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -13,8 +13,8 @@ import sys
 from datetime import datetime
 from zoneinfo import ZoneInfo
 
-from pipelines.jobs_client import JobsRunner
-from pipelines.scheduler import Cron, ScheduleConfig, Scheduler
+from pipelines.lifecycle.jobs_client import JobsRunner
+from pipelines.lifecycle.scheduler import Cron, ScheduleConfig, Scheduler
 from slime.config import load_config, replace
 
 
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> int:
     if cfg.jobs.address == "local":  # built-in scheduler on one machine: steps run on an embedded Ray
         import ray
 
-        from pipelines.local_runner import LocalRunner
+        from pipelines.lifecycle.local_runner import LocalRunner
 
         ray.init(include_dashboard=True, dashboard_host="127.0.0.1")
         runner = LocalRunner(cfg.jobs, cfg.rollout, cfg.work_dir, cfg.val)

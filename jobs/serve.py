@@ -13,7 +13,7 @@ import sys
 import time
 
 from jobs.common import require_model_dir, run_job
-from pipelines.serve import ServeArgs, build_app
+from pipelines.serve.app import ServeArgs, build_app
 from slime.config import load_config
 
 

@@ -14,7 +14,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from pipelines import jobs_client
+from pipelines.lifecycle import jobs_client
 
 
 def main(argv: list[str] | None = None) -> int:

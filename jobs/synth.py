@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 
 from jobs.common import job_parser, load_job_config, run_job
-from pipelines.synth import SynthConfig, generate
+from pipelines.data.synth import SynthConfig, generate
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 
 from jobs.common import JobError, init_ray, job_parser, load_job_config, run_job
-from pipelines.train_config import TrainConfig
+from pipelines.train.config import TrainConfig
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
 
     def body() -> None:
-        from pipelines.train import preflight, train
+        from pipelines.train.loop import preflight, train
 
         try:
             preflight(cfg)  # data and init model exist: checked before Ray starts

@@ -1,0 +1,12 @@
+"""The Ray side of slime-ray, one sub-package per stage of the data flow (ARCHITECTURE.md):
+
+    data/       synthesise, pack into shards, read + preprocess on Ray Data
+    train/      the run config, the explicit loop on Ray Train, checkpoints, DDP / DeepSpeed
+    serve/      the Ray Serve app, the OpenAI wire format, the vLLM engine and model adapter
+    lifecycle/  registry, scheduled retraining, Ray Jobs client and the in-process runner
+
+Shared by the stages, at the top: ``storage`` (local or s3://), ``console`` and ``plots`` (what a person
+sees); ``evaluate`` (held-out shards on the serving engine) and ``demo`` (every stage end to end).
+Imports flow ``jobs -> pipelines -> slime``; which stage may import which is in each ``__init__`` and
+is checked by ``tests/test_import_rules.py``. Nothing is imported here.
+"""

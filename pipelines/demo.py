@@ -2,7 +2,7 @@
 and promote -> serve -> one real request through the official ``openai`` client -> shut down.
 
 Everything runs on an embedded local Ray with the ``mini`` preset (a small random model that learns in
-minutes) on the fidelity synth tasks (pipelines/synth_tasks.py: detail questions only the local crops can
+minutes) on the fidelity synth tasks (pipelines/data/synth_tasks.py: detail questions only the local crops can
 answer, plus global ones); every artefact is written under ``workdir`` (printed at the end). It is the
 README's first command (``make demo`` = ``slime demo``).
 """
@@ -85,13 +85,13 @@ def run_demo(cfg: DemoConfig) -> dict:
     from ray import serve
 
     from pipelines.console import quiet_driver_logs, quiet_ray_init_kwargs, ray_log_dir
+    from pipelines.data.pack import PackConfig, pack, read_manifest
+    from pipelines.data.synth import SynthConfig, generate
     from pipelines.evaluate import EvalConfig, EvalDataSection, evaluate
-    from pipelines.pack import PackConfig, pack, read_manifest
-    from pipelines.registry import Registry
-    from pipelines.serve import ServeArgs, build_app
-    from pipelines.synth import SynthConfig, generate
-    from pipelines.train import train
-    from pipelines.train_config import TrainConfig
+    from pipelines.lifecycle.registry import Registry
+    from pipelines.serve.app import ServeArgs, build_app
+    from pipelines.train.config import TrainConfig
+    from pipelines.train.loop import train
 
     work = Path(cfg.workdir).resolve()
     raw, wds, models = work / "raw", work / "wds", work / "models"

@@ -5,7 +5,7 @@
 
 A record's question is its conversation without the final gpt turn; the reference is that final turn.
 The actor decodes the image and generates on the engine Ray Serve runs: ``engine="vllm"`` a ``vllm.LLM``
-per actor (``pipelines.engine.OfflineVllm``), ``engine="hf"`` the reference ``Predictor``, ``auto``
+per actor (``pipelines.serve.engine.OfflineVllm``), ``engine="hf"`` the reference ``Predictor``, ``auto``
 (default) vllm wherever vLLM runs the model (``metrics.json`` records which one ran).
 Both encode through ``ChatEncoder``, so evaluation and serving cannot disagree on templates, tiling or
 decoding, and the vLLM numbers are the ones the endpoint would produce.
@@ -91,7 +91,7 @@ class EvalPredictor:
     def __init__(self, *, model: str, max_tokens: int, gamma: float | None, prompt_suffix: str, device: str,
                  dtype: str | None, mode: str = "both", engine: str = "vllm") -> None:
         if engine == "vllm":
-            from pipelines.engine import OfflineVllm
+            from pipelines.serve.engine import OfflineVllm
 
             self.predictor = OfflineVllm(model, mode=mode, **({"dtype": dtype} if dtype else {}))
         else:
@@ -163,21 +163,21 @@ def evaluate(cfg: EvalConfig) -> dict:
     import ray
     from ray.data import ActorPoolStrategy
 
-    from pipelines.data import DataConfig, _read_target, list_shards
-    from pipelines.preprocess import ShardReader, metrics_actor
+    from pipelines.data.ingest import DataConfig, list_shards, read_target
+    from pipelines.data.preprocess import ShardReader, metrics_actor
 
     start = time.perf_counter()
     output = default_output(cfg)
     preflight(cfg)
     shards = list_shards(DataConfig(shards=cfg.data.val, model=cfg.model, only_versions=cfg.data.only_versions,
                                     storage=cfg.storage))
-    paths, fs = _read_target(shards, cfg.storage)
+    paths, fs = read_target(shards, cfg.storage)
     metrics_actor("DataMetrics-eval")
     ds = ray.data.read_datasource(ShardReader(paths, filesystem=fs, metrics_name="DataMetrics-eval"),
                                   num_cpus=cfg.read_num_cpus)
     if cfg.data.limit:
         ds = ds.limit(cfg.data.limit)
-    from pipelines.engine import resolve_engine
+    from pipelines.serve.engine import resolve_engine
 
     engine = resolve_engine(cfg.engine, cfg.model)
     ds = ds.map_batches(EvalPredictor, fn_constructor_kwargs=dict(
@@ -207,7 +207,7 @@ def evaluate(cfg: EvalConfig) -> dict:
 
 def preflight(cfg: EvalConfig) -> None:
     """Before Ray starts: the val shards exist and no earlier result would be replaced unasked."""
-    from pipelines.data import DataConfig, list_shards
+    from pipelines.data.ingest import DataConfig, list_shards
 
     output = default_output(cfg)
     if storage.exists(output, cfg.storage) and not cfg.overwrite:

@@ -56,7 +56,7 @@ class PredictorLimits:
 
 class ChatEncoder:
     """Validation, templating, tokenization and generation limits of a chat request, without a model.
-    Every engine (this HF Predictor, the vLLM engine in ``pipelines.engine``) encodes through it, so
+    Every engine (this HF Predictor, the vLLM engine in ``pipelines.serve.engine``) encodes through it, so
     they cannot disagree on what a request means."""
 
     def __init__(self, cfg, tokenizer, *, limits: PredictorLimits | None = None, mode: VisualMode = "both") -> None:

@@ -47,7 +47,7 @@ def test_console_script_and_module_agree():
 
 def test_submit_splits_job_args_at_double_dash(monkeypatch):
     from jobs import submit
-    from pipelines import jobs_client
+    from pipelines.lifecycle import jobs_client
 
     calls = {}
     monkeypatch.setattr(jobs_client, "connect", lambda address: calls.setdefault("address", address))
@@ -63,7 +63,7 @@ def test_submit_splits_job_args_at_double_dash(monkeypatch):
 
 
 def test_auth_headers_from_token_env_and_token_file(monkeypatch, tmp_path):
-    from pipelines import jobs_client
+    from pipelines.lifecycle import jobs_client
 
     monkeypatch.delenv("RAY_AUTH_TOKEN", raising=False)
     monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
@@ -78,7 +78,7 @@ def test_auth_headers_from_token_env_and_token_file(monkeypatch, tmp_path):
 
 
 def test_job_command_lines_live_in_one_place():
-    from pipelines.jobs_client import entrypoint, eval_args, train_args
+    from pipelines.lifecycle.jobs_client import entrypoint, eval_args, train_args
 
     args = train_args("jobs/configs/train_tiny.yaml", "/r/v1/model", "s3://b/wds", "/w/m", "run-1")
     assert entrypoint("train", args) == ("python -m jobs.train --config jobs/configs/train_tiny.yaml init_from=/r/v1/model data.manifest=s3://b/wds "
@@ -89,7 +89,7 @@ def test_job_command_lines_live_in_one_place():
 
 
 def test_rollout_config_keeps_every_running_app_and_swaps_only_the_model(tmp_path):
-    from pipelines.jobs_client import serve_config_for
+    from pipelines.lifecycle.jobs_client import serve_config_for
 
     live = {"proxy_location": "EveryNode", "http_options": {"host": "0.0.0.0", "port": 8000},
             "applications": {"slime": {"deployed_app_config": {

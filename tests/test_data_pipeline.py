@@ -17,10 +17,10 @@ import pytest
 from PIL import Image
 
 from pipelines import storage
-from pipelines.data import (CONTRACT_COLUMNS, DataConfig, build_dataset, data_metrics, list_shards,
-                            torch_batch_kwargs)
-from pipelines.pack import PackConfig, pack
-from pipelines.preprocess import load_vision, sample_hash
+from pipelines.data.ingest import (CONTRACT_COLUMNS, DataConfig, build_dataset, data_metrics, list_shards,
+                                   torch_batch_kwargs)
+from pipelines.data.pack import PackConfig, pack
+from pipelines.data.preprocess import load_vision, sample_hash
 from pipelines.storage import StorageConfig
 from slime.checkpoint import load_config
 from slime.presets import save_tiny_checkpoint

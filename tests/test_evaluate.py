@@ -40,8 +40,8 @@ def test_split_record_and_summarize():
 @pytest.mark.integration
 def test_evaluate_known_answers(ray_session, tmp_path):
     from jobs.evaluate import main
-    from pipelines.pack import PackConfig, pack
-    from pipelines.synth import SynthConfig, generate
+    from pipelines.data.pack import PackConfig, pack
+    from pipelines.data.synth import SynthConfig, generate
     from slime.presets import save_tiny_checkpoint, tiny_vllm
 
     model = save_tiny_checkpoint(tmp_path / "models" / "tiny", cfg=tiny_vllm())  # engine auto -> vLLM
@@ -87,9 +87,9 @@ def test_two_models_keep_two_results(ray_session, tmp_path):
     refuses to replace a's result unless asked, and says so when asked."""
     import shutil
 
+    from pipelines.data.pack import PackConfig, pack
+    from pipelines.data.synth import SynthConfig, generate
     from pipelines.evaluate import EvalConfig, EvalDataSection, evaluate
-    from pipelines.pack import PackConfig, pack
-    from pipelines.synth import SynthConfig, generate
     from slime.presets import save_tiny_checkpoint
 
     a = save_tiny_checkpoint(tmp_path / "models" / "a")

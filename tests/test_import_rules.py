@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -64,5 +66,107 @@ def test_the_checker_catches_what_it_should(tmp_path, source, hit):
 
 def test_vllm_code_lives_in_pipelines():
     """The vLLM adapter is a serving-stage concern: only pipelines/ (and tests/benchmarks) import vllm."""
-    assert "pipelines/vllm_model.py" in {p.split(":")[0] for p in offences("pipelines", ("vllm",))}
+    assert "pipelines/serve/vllm_model.py" in {p.split(":")[0] for p in offences("pipelines", ("vllm",))}
     assert offences("jobs", ("vllm",)) == []
+
+
+# ----------------------------------------------------------------------------- stages inside pipelines/
+# A module's "part" is its sub-package (data, train, serve, lifecycle) or, at the top, its own name. What
+# each part may import of the others, as measured when pipelines/ was split by stage (each stage's
+# __init__ docstring says the same). A new edge is a design decision: add it here, on purpose.
+STAGES = ("data", "train", "serve", "lifecycle")
+SHARED = ("storage", "console", "plots")  # leaves every stage may use
+MAY_IMPORT = {
+    "storage": set(),
+    "plots": set(),
+    "console": {"storage", "plots"},
+    "data": {"storage"},
+    "train": {"data", *SHARED},
+    "serve": {*SHARED},
+    "lifecycle": {"train", "evaluate", *SHARED},
+    "evaluate": {"data", "serve", *SHARED},
+    "demo": {*STAGES, "evaluate", *SHARED},
+}
+
+
+def part_of(path: Path) -> str:
+    return path.relative_to(ROOT / "pipelines").with_suffix("").parts[0]
+
+
+def pipelines_modules() -> list[Path]:
+    return [p for p in sorted((ROOT / "pipelines").rglob("*.py")) if p != ROOT / "pipelines" / "__init__.py"]
+
+
+def pipelines_imports() -> list[tuple[Path, int, str]]:
+    """(file, line, module) for every import of a pipelines module by a module in pipelines/."""
+    return [(p, line, mod) for p in pipelines_modules() for line, mod in imported_modules(p)
+            if mod.startswith("pipelines.")]
+
+
+def test_every_pipelines_module_belongs_to_a_known_part():
+    assert {part_of(p) for p in pipelines_modules()} == set(MAY_IMPORT)
+
+
+def test_stages_import_only_what_their_init_allows():
+    bad = [f"{p.relative_to(ROOT)}:{line} imports {mod}" for p, line, mod in pipelines_imports()
+           if (target := mod.split(".")[1]) != (source := part_of(p)) and target not in MAY_IMPORT[source]]
+    assert bad == []
+
+
+def test_serving_never_imports_the_training_loop():
+    """A replica needs a checkpoint path, not the trainer (open_clip: the library never imports the trainer)."""
+    assert offences("pipelines/serve", ("pipelines.train",)) == []
+
+
+def test_data_never_imports_the_stages_that_consume_it():
+    assert offences("pipelines/data", ("pipelines.serve", "pipelines.train", "pipelines.lifecycle",
+                                       "pipelines.evaluate", "pipelines.demo")) == []
+
+
+def test_training_never_imports_serving_or_lifecycle():
+    assert offences("pipelines/train", ("pipelines.serve", "pipelines.lifecycle", "pipelines.evaluate")) == []
+
+
+def test_lifecycle_rolls_serve_by_import_path_not_by_import():
+    assert offences("pipelines/lifecycle", ("pipelines.serve", "pipelines.data")) == []
+
+
+def test_shared_modules_import_no_stage():
+    stages = tuple(f"pipelines.{s}" for s in (*STAGES, "evaluate", "demo"))
+    assert [f"{name}:{line} imports {mod}" for name in SHARED
+            for line, mod in imported_modules(ROOT / "pipelines" / f"{name}.py") if banned(mod, stages)] == []
+
+
+def test_no_part_reaches_into_another_parts_private_names():
+    """``from pipelines.<part>.<mod> import _x`` only inside the same part; across parts use public names."""
+    bad = [f"{p.relative_to(ROOT)}:{line} imports {mod}" for p, line, mod in pipelines_imports()
+           if (name := mod.rsplit(".", 1)[-1]).startswith("_") and not name.startswith("__")
+           and mod.split(".")[1] != part_of(p)]
+    assert bad == []
+
+
+def test_importing_a_stage_package_is_free():
+    """The stage ``__init__``s import nothing, so e.g. evaluation's ``pipelines.serve.engine`` does not pull
+    in ray.serve/fastapi and ``pipelines.train.config`` does not pull in Ray Train or DeepSpeed."""
+    code = ("import sys; import pipelines.data, pipelines.train, pipelines.serve, pipelines.lifecycle; "
+            "import pipelines.serve.engine, pipelines.train.config; "
+            "print(sorted(m for m in ('ray.serve', 'ray.train', 'fastapi', 'vllm', 'deepspeed') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=False)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_no_module_in_pipelines_is_over_400_lines():
+    """STYLE.md: files mostly under 300 lines, none over 400; past that a file is two things."""
+    long = {str(p.relative_to(ROOT)): n for p in (ROOT / "pipelines").rglob("*.py")
+            if (n := len(p.read_text().splitlines())) > 400}
+    assert long == {}
+
+
+def test_the_manifests_import_path_still_names_the_builder():
+    """cluster/*.yaml and live Serve apps say ``pipelines.serve:build_app``; the package resolves it lazily."""
+    import importlib
+
+    from pipelines.serve.app import build_app
+
+    assert importlib.import_module("pipelines.serve").build_app is build_app

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 
 from benchmarks.miniature import Miniature, Phase, chance, model_config
-from pipelines.synth import SynthConfig, generate
+from pipelines.data.synth import SynthConfig, generate
 
 JOINT = ("projector", "global_adapter", "compressor", "llm")
 STEPS = 100

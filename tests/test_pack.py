@@ -16,7 +16,7 @@ from PIL import Image
 
 from jobs import pack as pack_job
 from pipelines import storage
-from pipelines.pack import PackConfig, pack, read_manifest, shard_uris
+from pipelines.data.pack import PackConfig, pack, read_manifest, shard_uris
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "jobs", "configs")
 

@@ -9,7 +9,7 @@ from datetime import UTC, datetime, timedelta
 import pytest
 
 from pipelines import storage
-from pipelines.registry import LockHeld, Registry, RegistryLock
+from pipelines.lifecycle.registry import LockHeld, Registry, RegistryLock
 
 
 class Clock:

@@ -18,12 +18,12 @@ import httpx
 import pytest
 import yaml
 
-from pipelines.jobs_client import JobsConfig, RolloutConfig
-from pipelines.local_runner import LocalRunner
-from pipelines.pack import PackConfig, pack
-from pipelines.registry import Registry
-from pipelines.scheduler import ScheduleConfig, Scheduler
-from pipelines.synth import SynthConfig, generate
+from pipelines.data.pack import PackConfig, pack
+from pipelines.data.synth import SynthConfig, generate
+from pipelines.lifecycle.jobs_client import JobsConfig, RolloutConfig
+from pipelines.lifecycle.local_runner import LocalRunner
+from pipelines.lifecycle.registry import Registry
+from pipelines.lifecycle.scheduler import ScheduleConfig, Scheduler
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.integration

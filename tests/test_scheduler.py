@@ -14,8 +14,8 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from pipelines.registry import Registry
-from pipelines.scheduler import Cron, ScheduleConfig, Scheduler
+from pipelines.lifecycle.registry import Registry
+from pipelines.lifecycle.scheduler import Cron, ScheduleConfig, Scheduler
 
 T0 = datetime(2026, 11, 22, 3, 0, tzinfo=UTC)
 
@@ -213,8 +213,8 @@ def test_rollout_failure_after_promote_is_recovered_next_tick(env):
 KILLED_TICK = """
 import json, os, sys
 from datetime import datetime
-from pipelines.registry import Registry
-from pipelines.scheduler import Scheduler, ScheduleConfig
+from pipelines.lifecycle.registry import Registry
+from pipelines.lifecycle.scheduler import Scheduler, ScheduleConfig
 from tests.test_scheduler import FileRunner
 cfg = ScheduleConfig(**json.loads(sys.argv[1]))
 Registry.promote = lambda self, version_id, reason: os._exit(9)  # SIGKILL-like: no finally, no cleanup

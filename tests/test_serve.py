@@ -57,7 +57,7 @@ def engine(request) -> str:
 def server(ray_session, tiny_checkpoints, engine):
     from ray import serve
 
-    from pipelines.serve import build_app
+    from pipelines.serve.app import build_app
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -276,7 +276,7 @@ def test_model_swap_under_load_has_no_failed_requests(server, tiny_checkpoints, 
     import httpx
     from ray import serve
 
-    from pipelines.serve import build_app
+    from pipelines.serve.app import build_app
 
     old = {httpx.get(f"{server}/healthz").json()["fingerprint"]}
     with Load(server, threads=3, max_tokens=8) as load:

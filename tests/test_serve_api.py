@@ -9,7 +9,7 @@ import json
 import pytest
 from PIL import Image
 
-from pipelines import serve_api as oai
+from pipelines.serve import openai as oai
 from slime.errors import InputError
 
 LIMITS = oai.Limits(max_images_per_request=1, max_image_pixels=200 * 200, max_tokens=128)

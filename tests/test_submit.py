@@ -19,7 +19,7 @@ import time
 import pytest
 
 from jobs import cli
-from pipelines import jobs_client
+from pipelines.lifecycle import jobs_client
 
 pytestmark = pytest.mark.integration
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -13,7 +13,7 @@ from PIL import Image, ImageFont
 
 from jobs import synth as synth_job
 from pipelines import storage
-from pipelines.synth import COLORS, SynthConfig, _font, generate, render_image
+from pipelines.data.synth import COLORS, SynthConfig, _font, generate, render_image
 
 
 def _cfg(out, **kw) -> SynthConfig:
@@ -115,7 +115,7 @@ def test_job_entry_point(tmp_path, capsys):
 
 
 def test_fidelity_images_draw_their_answers(tmp_path):
-    from pipelines.synth_tasks import PAIRS, POSITIONS, TASKS, render_fidelity_image
+    from pipelines.data.synth_tasks import PAIRS, POSITIONS, TASKS, render_fidelity_image
 
     cfg = _cfg(tmp_path, kind="fidelity", num_images=6, tile=112, captions=False)
     summary = generate(cfg)

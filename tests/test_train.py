@@ -15,8 +15,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipelines.parallel import cosine_with_warmup, deepspeed_config
-from pipelines.train_config import OptimConfig, TrainConfig, expand_phases
+from pipelines.train.config import OptimConfig, TrainConfig, expand_phases
+from pipelines.train.parallel import cosine_with_warmup, deepspeed_config
 from slime.config import load_config
 
 CONFIGS = Path(__file__).resolve().parents[1] / "jobs" / "configs"
@@ -84,7 +84,7 @@ def test_grouped_fetches_give_the_same_micro_batches(ray_session):
     dropped tail and epoch/skip accounting as fetching them one at a time."""
     import ray
 
-    from pipelines.train import Batches
+    from pipelines.train.loop import Batches
 
     ds = ray.data.from_items([{"input_ids": [i, i], "sample_hash": i} for i in range(22)], override_num_blocks=3)
     kwargs = {"prefetch_batches": 1, "dtypes": {"input_ids": torch.int64, "sample_hash": torch.int64}}
@@ -108,8 +108,8 @@ def test_grouped_fetches_give_the_same_micro_batches(ray_session):
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     """Synthetic high-detail set: 9 train images x 4 records -> 36 samples in 5 shards; 3 val images."""
-    from pipelines.pack import PackConfig, pack
-    from pipelines.synth import SynthConfig, generate
+    from pipelines.data.pack import PackConfig, pack
+    from pipelines.data.synth import SynthConfig, generate
 
     root = tmp_path_factory.mktemp("data")
     generate(SynthConfig(output_dir=str(root / "raw"), num_images=12, min_side=448, max_side=672,
@@ -143,7 +143,7 @@ def checkpoint_weights(run_dir: Path, phase_index: int) -> dict[str, torch.Tenso
 def test_ddp_four_phases_golden_losses_and_trainable_sets(ray_session, shards, tmp_path):
     """2 DDP workers through the four paper phases; losses match the golden file; after each phase only
     its trainable prefixes changed (bit-identical elsewhere); the export is a servable model dir."""
-    from pipelines.train import train
+    from pipelines.train.loop import train
     from slime.predictor import Predictor
 
     cfg = tiny_config(tmp_path, shards, "golden", "checkpoint.num_to_keep=null", "checkpoint.every_steps=4")
@@ -193,7 +193,7 @@ def test_worker_failure_resumes_and_s3_storage(ray_session, shards, tmp_path, s3
     configured step count, checkpoints + logs + export live on S3 (moto); re-running the same name
     resumes (nothing left to train) instead of starting over."""
     from pipelines import storage
-    from pipelines.train import train
+    from pipelines.train.loop import train
 
     marker = tmp_path / "fault-marker"
     base = f"s3://{s3_bucket}"
@@ -236,7 +236,7 @@ def test_worker_failure_resumes_and_s3_storage(ray_session, shards, tmp_path, s3
 def test_deepspeed_zero2_on_cpu(ray_session, shards, tmp_path):
     """DeepSpeed ZeRO-2 (fp32 on CPU, torch AdamW instance) with gradient accumulation, 2 workers, 2 phases;
     a mid-phase checkpoint holds DeepSpeed's shards; frozen weights stay bit-identical."""
-    from pipelines.train import train
+    from pipelines.train.loop import train
 
     cfg = tiny_config(tmp_path, shards, "zero2", "engine.kind=deepspeed",
                       f"engine.deepspeed={CONFIGS / 'deepspeed_zero2.yaml'}", "optim.grad_accum=2",
@@ -260,7 +260,7 @@ def test_deepspeed_zero2_on_cpu(ray_session, shards, tmp_path):
 def test_deepspeed_zero3_on_cpu(ray_session, shards, tmp_path):
     """ZeRO-3 (parameters partitioned across the 2 workers): a mid-phase checkpoint and the phase-end
     weights are gathered to full shapes, frozen weights stay bit-identical and the export loads."""
-    from pipelines.train import train
+    from pipelines.train.loop import train
     from slime.checkpoint import load_pretrained
 
     cfg = tiny_config(tmp_path, shards, "zero3", "engine.kind=deepspeed",

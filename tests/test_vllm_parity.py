@@ -66,7 +66,7 @@ def selected_tokens(pred, req) -> torch.Tensor:
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
 def family(request, tmp_path_factory):
-    from pipelines.engine import VllmChat, offline_engine
+    from pipelines.serve.engine import VllmChat, offline_engine
     from slime.predictor import Predictor
     from slime.presets import save_tiny_checkpoint
 

@@ -1,20 +1,20 @@
 """LocalRunner: the scheduler's retrain/evaluate steps run in this process on the Ray it is connected
 to (an embedded local Ray or ``ray.init(address=...)``), with no Jobs API in between.
 
-It is the built-in scheduler on one machine; ``pipelines.jobs_client.JobsRunner`` is the cluster form
+It is the built-in scheduler on one machine; ``pipelines.lifecycle.jobs_client.JobsRunner`` is the cluster form
 (Ray Jobs). Only how a step runs differs: the arguments (``train_args`` / ``eval_args``), the output
 locations and the Serve rollout are JobsRunner's own.
 """
 
 from __future__ import annotations
 
-from pipelines.jobs_client import JobsRunner
+from pipelines.lifecycle.jobs_client import JobsRunner
 from slime.config import load_config
 
 
 def _train(args: list[str]) -> None:
-    from pipelines.train import train
-    from pipelines.train_config import TrainConfig
+    from pipelines.train.config import TrainConfig
+    from pipelines.train.loop import train
 
     train(load_config(TrainConfig, args[1], args[2:]))
 

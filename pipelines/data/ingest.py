@@ -28,7 +28,7 @@ store for CLIP-L. Bytes per sample at M = 8 tiles (all tiles shipped; padded til
 So for CLIP-L choose features for compute, not bandwidth (and not with sci/dci, which triple Din);
 the tiny model's ratio is an artefact of its 32-wide tower. Features also freeze the tower's numerics
 into the data: a later tower change needs a re-run.
-Shapes and dtypes of a row: see pipelines/preprocess.py (T max_length, M max tiles, S tile side).
+Shapes and dtypes of a row: see pipelines/data/preprocess.py (T max_length, M max tiles, S tile side).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from typing import Literal
 import ray
 
 from pipelines import storage
-from pipelines.preprocess import IMAGE_EXTS, Preprocessor, ShardReader, metrics_actor
+from pipelines.data.preprocess import IMAGE_EXTS, Preprocessor, ShardReader, metrics_actor
 from pipelines.storage import StorageConfig
 from slime.config import VisualMode
 
@@ -105,7 +105,7 @@ def list_shards(cfg: DataConfig) -> list[str]:
     the committed shards; a directory without one lists its ``*.tar``. ``only_versions`` keeps shards
     of those dataset versions (from the manifest, else the ``shard-{version}-{index}.tar`` name);
     ``exclude`` drops names or URIs."""
-    from pipelines.pack import read_manifest
+    from pipelines.data.pack import read_manifest
 
     st = cfg.storage
     if isinstance(cfg.shards, tuple):
@@ -132,7 +132,7 @@ def list_shards(cfg: DataConfig) -> list[str]:
     return out
 
 
-def _read_target(uris: list[str], st: StorageConfig):
+def read_target(uris: list[str], st: StorageConfig):
     """(paths, filesystem) for Ray: local paths + None, or ``bucket/key`` paths + an s3fs object that
     carries endpoint and credentials (it is pickled to the read tasks; env vars of the driver are not)."""
     remote = {storage.is_s3(u) for u in uris}
@@ -163,7 +163,7 @@ def build_dataset(cfg: DataConfig, epoch: int = 0) -> ray.data.Dataset:
     if not ray.is_initialized():
         ray.init()
     metrics_actor(cfg.metrics_name)  # created here so the driver owns it (see metrics_actor)
-    paths, fs = _read_target(list_shards(cfg), cfg.storage)
+    paths, fs = read_target(list_shards(cfg), cfg.storage)
     # reseed_after_execution: every re-execution of this dataset (each Train epoch) gets a new,
     # still deterministic, file order; epoch picks the starting point when a dataset is rebuilt.
     shuffle = FileShuffleConfig(seed=cfg.seed + epoch, reseed_after_execution=True) if cfg.shuffle == "files" else None

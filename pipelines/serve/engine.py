@@ -37,7 +37,7 @@ def model_dir(uri: str, visual_mode: VisualMode = "both", cache_root: str | None
 
     vLLM's CPU attention kernels take head sizes 32, 64, 80, ... only: the test-sized ``tiny`` preset
     (head size 16) runs on the HF Predictor alone; tests build vLLM models with 2 heads of 32."""
-    from pipelines.vllm_plugin import ARCHITECTURE, LLM_ARCHITECTURES
+    from pipelines.serve.vllm_plugin import ARCHITECTURE, LLM_ARCHITECTURES
 
     local = Path(local_copy(str(uri))).resolve()
     if not (local / "slime_config.yaml").exists():

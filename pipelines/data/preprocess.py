@@ -1,7 +1,7 @@
 """What runs inside the Ray Data workers: the shard reader, the Preprocessor actor, the drop counters.
 
 * ``ShardReader`` streams webdataset tars (members ``{key}.{jpg|jpeg|png|webp}`` + ``{key}.json``,
-  adjacent, as pipelines/pack.py writes them) into rows ``key · image (bytes|None) · json (bytes)``.
+  adjacent, as pipelines/data/pack.py writes them) into rows ``key · image (bytes|None) · json (bytes)``.
   It exists because ``ray.data.read_webdataset`` fails the whole job on one truncated shard (measured on
   Ray 2.60: ``tarfile.ReadError: unexpected end of data`` -> ``RayTaskError`` after one attempt, no
   option to skip), and wrapping it cannot work either: it buffers 512 samples before yielding, so the

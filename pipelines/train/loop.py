@@ -26,8 +26,8 @@ import torch
 import yaml
 
 from pipelines import storage
-from pipelines.train_config import PhaseConfig, TrainConfig, expand_phases
-from pipelines.train_state import Position, RunLog, export_model, read_position, seed_everything, \
+from pipelines.train.config import PhaseConfig, TrainConfig, expand_phases
+from pipelines.train.state import Position, RunLog, export_model, read_position, seed_everything, \
     write_checkpoint_files
 from slime.config import from_dict, merge, replace, to_dict
 
@@ -38,9 +38,9 @@ CHECKPOINT_KEYS = ("phase", "phase_index", "step", "global_step", "loss", "phase
 
 
 def phase_data_config(cfg: TrainConfig, phase: PhaseConfig, model_dir: str):
-    """The run's ``data`` section + the phase's overrides -> pipelines.data.DataConfig. The phase decides
+    """The run's ``data`` section + the phase's overrides -> pipelines.data.ingest.DataConfig. The phase decides
     mode and gamma (the processor expands ``<image>`` to what the model will produce in that phase)."""
-    from pipelines.data import DataConfig
+    from pipelines.data.ingest import DataConfig
 
     d = merge(dict(cfg.data), dict(phase.data))
     manifest = d.pop("manifest", None)
@@ -57,8 +57,8 @@ def phase_data_config(cfg: TrainConfig, phase: PhaseConfig, model_dir: str):
 def phase_steps(cfg: TrainConfig, phase: PhaseConfig, dcfg) -> int:
     if phase.steps is not None:
         return phase.steps
-    from pipelines.data import list_shards
-    from pipelines.pack import read_manifest
+    from pipelines.data.ingest import list_shards
+    from pipelines.data.pack import read_manifest
 
     uris = list_shards(dcfg)
     root = uris[0].rsplit("/", 1)[0]
@@ -87,7 +87,7 @@ def ensure_init_model(cfg: TrainConfig) -> str:
 def preflight(cfg: TrainConfig) -> None:
     """What can be checked before Ray starts: every phase's shards exist and ``init_from`` is a model
     directory. Raises FileNotFoundError / ValueError naming the path and the config key."""
-    from pipelines.data import list_shards
+    from pipelines.data.ingest import list_shards
 
     if cfg.init_from and not storage.exists(storage.join(cfg.init_from, "slime_config.yaml")):
         raise FileNotFoundError(f"init_from={cfg.init_from} is not a model directory (no slime_config.yaml): "
@@ -129,7 +129,7 @@ def train(cfg: TrainConfig) -> dict:
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from pipelines.data import build_dataset, ingest_options
+    from pipelines.data.ingest import build_dataset, ingest_options
 
     if isinstance(cfg.engine.deepspeed, str):  # resolved here: workers may not see the driver's files
         with open(cfg.engine.deepspeed) as f:
@@ -265,8 +265,8 @@ def train_loop_per_worker(config: dict) -> None:
     import ray.train
     from ray.train import Checkpoint, CheckpointConsistencyMode
 
-    from pipelines.data import DataConfig, torch_batch_kwargs
-    from pipelines.parallel import build_engine
+    from pipelines.data.ingest import DataConfig, torch_batch_kwargs
+    from pipelines.train.parallel import build_engine
     from slime.checkpoint import load_pretrained
     from slime.model import set_trainable
 

@@ -48,4 +48,4 @@ def register() -> None:
     except ValueError:  # already registered in this process
         pass
     if ARCHITECTURE not in ModelRegistry.get_supported_archs():
-        ModelRegistry.register_model(ARCHITECTURE, f"pipelines.vllm_model:{ARCHITECTURE}")
+        ModelRegistry.register_model(ARCHITECTURE, f"pipelines.serve.vllm_model:{ARCHITECTURE}")

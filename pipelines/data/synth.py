@@ -14,7 +14,7 @@ shape names, digits, a few letters), so exact match is a meaningful metric for a
 "caption" (one descriptive sentence, for the connector pre-training phase). ``task`` names the
 question template. Same seed -> byte-identical JSON and identical pixels.
 
-``kind="fidelity"`` instead draws the tasks of ``pipelines.synth_tasks``: 3*tile x 2*tile lossless images
+``kind="fidelity"`` instead draws the tasks of ``pipelines.data.synth_tasks``: 3*tile x 2*tile lossless images
 whose detail questions need the local crops by construction (fine texture, fine print, one small
 patterned object) plus two global questions; every task is asked about every image.
 """
@@ -75,7 +75,7 @@ class SynthConfig:
         if self.num_images < 1:
             raise ValueError(f"num_images must be >= 1, got {self.num_images}")
         if self.kind == "fidelity":
-            from pipelines.synth_tasks import TASKS  # noqa: PLC0415 (synth_tasks imports this module)
+            from pipelines.data.synth_tasks import TASKS  # noqa: PLC0415 (synth_tasks imports this module)
 
             unknown = [t for t in self.tasks if t not in TASKS]
             if unknown:
@@ -220,7 +220,7 @@ def records_for(name: str, image: str, facts: dict, rng: random.Random, cfg: Syn
 
 
 def fidelity_records(name: str, image: str, facts: dict, cfg: SynthConfig) -> list[dict]:
-    from pipelines.synth_tasks import TASKS, fidelity_caption, fidelity_questions  # noqa: PLC0415
+    from pipelines.data.synth_tasks import TASKS, fidelity_caption, fidelity_questions  # noqa: PLC0415
 
     qs = fidelity_questions(facts, cfg.tasks or TASKS)
     out = [_record(f"{name}-{t}", image, q, a, qtype, t) for t, (qtype, q, a) in qs.items()]
@@ -249,7 +249,7 @@ def generate(cfg: SynthConfig) -> dict:
     for i in tqdm(range(cfg.num_images), desc="synth", unit="img", disable=not cfg.progress):
         rng = random.Random(f"{cfg.seed}:{i}")  # str seeds hash with sha512: stable across processes
         if cfg.kind == "fidelity":
-            from pipelines.synth_tasks import render_fidelity_image  # noqa: PLC0415
+            from pipelines.data.synth_tasks import render_fidelity_image  # noqa: PLC0415
 
             img, facts = render_fidelity_image(rng, cfg.tile)
             fmt = "png"  # lossless: JPEG would smear the 1-px patterns the local tasks are about

@@ -14,7 +14,7 @@ image and the processor kwargs, never the prompt. SliME's visual tokens depend o
 ``apply`` always writes the instruction ids (and the gamma, resolved to a number) into the kwargs before
 vLLM hashes them; a second question about the same image therefore gets its own selection.
 
-Instruction ids: our front end (``pipelines.engine``) sends exactly the ids ``SlimeProcessor`` marks
+Instruction ids: our front end (``pipelines.serve.engine``) sends exactly the ids ``SlimeProcessor`` marks
 as the user's text (the same ones the HF ``Predictor`` scores against). A raw client that sends none
 gets them derived from the prompt: the tokens after ``<image>`` and its newline, up to the generation
 header (exact for the usual single-turn prompt).
@@ -40,7 +40,7 @@ from vllm.multimodal.processing import (BaseDummyInputsBuilder, BaseMultiModalPr
 from vllm.model_executor.models.interfaces import MultiModalEmbeddings, SupportsMultiModal
 from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper, init_vllm_registered_model
 
-from pipelines.vllm_plugin import ARCHITECTURE, SlimeVllmConfig
+from pipelines.serve.vllm_plugin import ARCHITECTURE, SlimeVllmConfig
 from slime.config import ModelConfig
 from slime.model import SlimeModel, build_visual_parts
 from slime.processing import SlimeProcessor

@@ -27,7 +27,7 @@ import random
 import numpy as np
 from PIL import Image, ImageDraw
 
-from pipelines.synth import _draw_shape, _font
+from pipelines.data.synth import _draw_shape, _font
 
 PAIRS: dict[str, tuple[tuple[int, int, int], tuple[int, int, int]]] = {
     "red-cyan": ((255, 0, 0), (0, 255, 255)), "green-magenta": ((0, 255, 0), (255, 0, 255)),

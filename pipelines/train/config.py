@@ -99,7 +99,7 @@ class ScalingSection:
 
 @dataclass(frozen=True, kw_only=True)
 class EngineConfig:
-    """How the model is parallelised (pipelines/parallel.py). ``deepspeed`` is a DeepSpeed config dict
+    """How the model is parallelised (pipelines/train/parallel.py). ``deepspeed`` is a DeepSpeed config dict
     (zero_optimization etc.); batch sizes, accumulation, clipping and precision are filled in from
     this run config, so they cannot disagree."""
 
@@ -165,7 +165,7 @@ class TrainConfig:
     seed: int = 3407
     deterministic: bool = True  # preserve_order in Ray Data (+ fixed seeds): reproducible losses
     resume_data: Literal["skip", "continue"] = "skip"  # after a restore: skip the consumed batches or not
-    data: dict[str, Any] = field(default_factory=dict)  # pipelines.data.DataConfig (validated there)
+    data: dict[str, Any] = field(default_factory=dict)  # pipelines.data.ingest.DataConfig (validated there)
     phases: tuple[PhaseConfig, ...] = field(default_factory=_paper_phases)
     cyclic: CyclicConfig = field(default_factory=CyclicConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

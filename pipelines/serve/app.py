@@ -1,5 +1,5 @@
 """Ray Serve app: an OpenAI-compatible ``/v1/chat/completions`` on the vLLM engine (``engine="vllm"``:
-``pipelines.serve_vllm``) or on one HF ``Predictor`` (``engine="hf"``, the reference path, described
+``pipelines.serve.vllm_app``) or on one HF ``Predictor`` (``engine="hf"``, the reference path, described
 here; it has no ``n`` > 1, ``logprobs`` or ``response_format``). ``engine="auto"`` (default) is vllm
 whenever vLLM can run the model on this machine.
 
@@ -40,7 +40,7 @@ from ray.serve import Application
 from ray.serve.metrics import Counter, Histogram
 from starlette.exceptions import HTTPException
 
-from pipelines import serve_api as oai
+from pipelines.serve import openai as oai
 from slime.config import from_dict
 from slime.errors import InputError
 from slime.predictor import ChatRequest, Predictor, PredictorLimits
@@ -72,7 +72,7 @@ class AutoscalingArgs:
 class ServeArgs:
     model: str  # checkpoint dir or s3:// URI (self-describing: config + weights + tokenizer)
     model_id: str | None = None  # name clients send as "model"; default: the checkpoint's model_id
-    # auto = vllm when vLLM runs the model on this machine (pipelines.engine.vllm_unsupported), else hf,
+    # auto = vllm when vLLM runs the model on this machine (pipelines.serve.engine.vllm_unsupported), else hf,
     # the plain-PyTorch Predictor (the reference path). Resolved once, in build_app.
     engine: Literal["auto", "vllm", "hf"] = "auto"
     enforce_eager: bool = True  # vllm: no torch.compile (starts in ~20 s instead of ~55 s on 2 cores)
@@ -328,11 +328,11 @@ def build_app(args: ServeArgs | dict) -> Application:
                     if k not in ("autoscaling", "num_cpus", "num_gpus", "max_ongoing_requests", "max_batch_size",
                                  "batch_wait_timeout_s", "max_surge_percent")}
     replica_args["allowed_url_schemes"] = list(args.allowed_url_schemes)
-    from pipelines.engine import resolve_engine
+    from pipelines.serve.engine import resolve_engine
 
     replica_args["engine"] = resolve_engine(args.engine, args.model)
     if replica_args["engine"] == "vllm":
-        from pipelines.serve_vllm import VllmServer
+        from pipelines.serve.vllm_app import VllmServer
 
         # Continuous batching replaces @serve.batch: no batching user_config to reconfigure.
         return VllmServer.options(ray_actor_options={"num_cpus": args.num_cpus, "num_gpus": args.num_gpus},

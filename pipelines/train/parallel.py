@@ -21,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch.optim.lr_scheduler import LambdaLR
 
-from pipelines.train_config import EngineConfig, OptimConfig, PhaseConfig
+from pipelines.train.config import EngineConfig, OptimConfig, PhaseConfig
 from slime.config import merge
 
 

@@ -15,7 +15,7 @@ over):
 
 Production only changes through ``Registry.promote`` (one atomic pointer write), after the candidate is
 fully registered, so a tick killed anywhere leaves the old model in production and serving. Every tick
-writes a decision record. The steps are injected (``RetrainRunner``); ``pipelines.jobs_client.JobsRunner``
+writes a decision record. The steps are injected (``RetrainRunner``); ``pipelines.lifecycle.jobs_client.JobsRunner``
 runs them as Ray Jobs. Time comes from an injected ``now`` so tests can drive the clock.
 """
 
@@ -33,8 +33,8 @@ from datetime import datetime, timedelta
 from typing import Any, Callable, Literal, Protocol
 
 from pipelines import storage
-from pipelines.jobs_client import JobsConfig, RolloutConfig
-from pipelines.registry import LockHeld, Registry, RegistryLock, Version
+from pipelines.lifecycle.jobs_client import JobsConfig, RolloutConfig
+from pipelines.lifecycle.registry import LockHeld, Registry, RegistryLock, Version
 
 # ---------------------------------------------------------------- cron (5 fields, POSIX semantics)
 _FIELDS = (("minute", 0, 59), ("hour", 0, 23), ("day of month", 1, 31), ("month", 1, 12), ("day of week", 0, 7))

@@ -11,7 +11,7 @@ paged KV cache with prefix caching, the multimodal caches, structured outputs an
 replica owns one engine (its engine-core process), so Serve autoscaling and rolling updates work as
 they do for the HF app; on GPUs a replica asks for ``num_gpus=1`` (or more, with tensor parallelism).
 
-Routes, auth, error bodies, streaming and rollout semantics are those of ``pipelines.serve``.
+Routes, auth, error bodies, streaming and rollout semantics are those of ``pipelines.serve.app``.
 """
 
 # No `from __future__ import annotations`: FastAPI must see real types on the ingress methods.
@@ -29,8 +29,8 @@ from ray import serve
 from ray.serve.metrics import Counter, Histogram
 from starlette.exceptions import HTTPException
 
-from pipelines import serve_api as oai
-from pipelines.serve import ServeArgs, _error, _on_http, _on_input, _on_validation, authorize
+from pipelines.serve import openai as oai
+from pipelines.serve.app import ServeArgs, _error, _on_http, _on_input, _on_validation, authorize
 from slime.config import from_dict
 from slime.errors import InputError
 from slime.predictor import ChatRequest, ChatResult, PredictorLimits
@@ -72,7 +72,7 @@ def _logprobs(chat, completion, k: int) -> dict:
 @serve.ingress(api)
 class VllmServer:
     async def __init__(self, args: dict) -> None:
-        from pipelines.engine import VllmChat, async_engine
+        from pipelines.serve.engine import VllmChat, async_engine
 
         self._ready = False
         self.args = from_dict(ServeArgs, args)
