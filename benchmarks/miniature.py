@@ -97,6 +97,20 @@ class Miniature:
         self.grid = torch.as_tensor(np.stack(grids))  # [I, 2]
         self._encoded: dict = {}
 
+    def save(self, path: str | Path) -> None:
+        """Everything a worker process needs (features, records, init weights), without the encodings."""
+        state = {k: v for k, v in self.__dict__.items() if k not in ("_encoded", "processor", "tokenizer")}
+        torch.save(state, path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Miniature":
+        mini = cls.__new__(cls)
+        mini.__dict__.update(torch.load(path, weights_only=False))
+        _, mini.tokenizer = build_tiny(mini.seed, mini.cfg)  # built offline, deterministic in (seed, cfg)
+        mini.processor = SlimeProcessor(mini.cfg, mini.tokenizer)
+        mini._encoded = {}
+        return mini
+
     def fresh_model(self) -> SlimeModel:
         model, _ = build_tiny(self.seed, self.cfg)
         model.load_state_dict(self.init_state)
@@ -126,10 +140,11 @@ class Miniature:
                      mode=mode, gamma=gamma, forced_expert=forced_expert)
 
     def train(self, model: SlimeModel, phases: list[Phase], batch_size: int = 16, seed: int = 0) -> list[float]:
-        """Direct loop: per phase set_trainable + AdamW; batches drawn with replacement. Returns losses."""
+        """Direct loop: per phase set_trainable + AdamW; task-balanced batches drawn with replacement. Returns losses."""
         gen = torch.Generator().manual_seed(seed)
         torch.manual_seed(seed)
         losses = []
+        by_task = self.task_rows("train")
         model.train()
         for phase in phases:
             params = [model.get_parameter(n) for n in set_trainable(model, phase.trainable)]
@@ -139,7 +154,7 @@ class Miniature:
                 warm = min(1.0, (step + 1) / max(1, phase.steps // 20))
                 for g in opt.param_groups:
                     g["lr"] = phase.lr * warm * 0.5 * (1 + math.cos(math.pi * step / phase.steps))
-                idx = torch.randint(0, len(enc["image"]), (batch_size,), generator=gen)
+                idx = self.batch(by_task, batch_size, gen)
                 out = self._forward(model, enc, idx, phase.mode, phase.gamma, phase.forced_expert)
                 opt.zero_grad(set_to_none=True)
                 out.loss.backward()
@@ -148,6 +163,19 @@ class Miniature:
                 losses.append(out.loss.item())
         model.eval()
         return losses
+
+    def task_rows(self, split: str) -> list[torch.Tensor]:
+        """Row indices of ``split`` per task: batches draw tasks evenly, whatever each task's share of rows."""
+        rows = defaultdict(list)
+        for i, r in enumerate(self.records[split]):
+            rows[r["task"]].append(i)
+        return [torch.tensor(v) for _, v in sorted(rows.items())]
+
+    @staticmethod
+    def batch(by_task: list[torch.Tensor], size: int, gen: torch.Generator) -> torch.Tensor:
+        """``size`` rows drawn with replacement: a task uniformly, then a row of it uniformly."""
+        tasks = torch.randint(0, len(by_task), (size,), generator=gen)
+        return torch.stack([by_task[t][torch.randint(0, len(by_task[t]), (1,), generator=gen)[0]] for t in tasks])
 
     @torch.no_grad()
     def accuracy(self, model: SlimeModel, mode: str, gamma: float, split: str = "val",

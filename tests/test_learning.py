@@ -34,3 +34,13 @@ def test_local_branch_learns_a_local_only_task(mini):
     # 400 training images: few enough to cache in seconds, enough that memorising images does not pay
     assert acc["n"] == 60 and losses[-1] < losses[0]
     assert acc["accuracy"] > base + 0.4, (acc, base)  # chance ~0.25; a learning local branch gets ~1.0
+
+
+def test_batches_draw_tasks_evenly_whatever_their_share_of_rows():
+    import torch
+
+    # 900 rows of one task, 100 of another: uniform row sampling would give 10 % of the second
+    by_task = [torch.arange(900), torch.arange(900, 1000)]
+    rows = torch.cat([Miniature.batch(by_task, 16, torch.Generator().manual_seed(s)) for s in range(100)])
+    share = (rows >= 900).float().mean().item()
+    assert rows.shape == (1600,) and 0.45 < share < 0.55, share

@@ -115,31 +115,52 @@ def test_job_entry_point(tmp_path, capsys):
 
 
 def test_fidelity_images_draw_their_answers(tmp_path):
-    from pipelines.data.synth_tasks import PAIRS, POSITIONS, TASKS, render_fidelity_image
+    from pipelines.data.synth_tasks import GLOBAL_TASKS, LOCAL_TASKS, PAIRS, POSITIONS, render_fidelity_image
 
-    cfg = _cfg(tmp_path, kind="fidelity", num_images=6, tile=112, captions=False)
+    cfg = _cfg(tmp_path, kind="fidelity", num_images=12, tile=112, captions=False)
     summary = generate(cfg)
     records = json.loads((tmp_path / "train.json").read_text()) + json.loads((tmp_path / "val.json").read_text())
-    assert summary["train_records"] + summary["val_records"] == 6 * len(TASKS)  # every task about every image
-    assert {r["qtype"] for r in records if r["task"] in ("texture", "fine_print", "small_object")} == {"detail"}
+    # one fine detail per image (its question) plus every global question
+    assert summary["train_records"] + summary["val_records"] == 12 * (1 + len(GLOBAL_TASKS))
+    assert {r["qtype"] for r in records if r["task"] in LOCAL_TASKS} == {"detail"}
+    seen = set()
     for i in range(cfg.num_images):
         _, facts = render_fidelity_image(random.Random(f"{cfg.seed}:{i}"), 112)
         img = Image.open(tmp_path / "images" / f"s{cfg.seed}-{i:06d}.png")
         assert img.format == "PNG" and img.size == (336, 224)  # 3x2 crops of 112 px at 1:1
         px = np.asarray(img.convert("RGB")).astype(int)
         answers = {r["task"]: r["conversations"][1]["value"] for r in records if r["id"].startswith(f"s0-{i:06d}-")}
-        assert answers == {t: str(facts[t]) for t in TASKS}
-        for task, box in (("texture", facts["texture_box"]), ("small_object", facts["small_box"])):
-            x0, y0, x1, y1 = box
-            a, b = (np.asarray(c) for c in PAIRS[facts[task]])
+        detail = facts["detail"]
+        seen.add(detail)
+        assert answers == {t: str(facts[t]) for t in (detail, *GLOBAL_TASKS)}
+        if detail in ("texture", "small_object"):
+            x0, y0, x1, y1 = facts["texture_box" if detail == "texture" else "small_box"]
+            a, b = (np.asarray(c) for c in PAIRS[facts[detail]])
             patch = px[y0:y1, x0:x1]
             even = (np.add.outer(np.arange(y1 - y0), np.arange(x1 - x0)) % 2 == 0)
             assert (patch[even] == a).all() and (patch[~even] == b).all()  # a 1-px checkerboard of the pair
             assert np.abs(patch.reshape(-1, 3).mean(0) - 128).max() < 3  # ... that averages to mid-grey
-        x0, y0, x1, y1 = facts["print_box"]
-        assert (px[y0:y1, x0:x1].max(-1) < 90).sum() > 20  # dark glyph pixels in the fine-print box
+        else:
+            x0, y0, x1, y1 = facts["print_box"]
+            block = px[y0:y1, x0:x1].mean(-1)
+            assert (block < 90).sum() > 20  # dark glyph pixels in the fine-print box
+            assert (block < 90).sum() < 0.2 * block.size  # ... sparse: 9 px type in 14 px cells
         cx = (facts["big_box"][0] + facts["big_box"][2]) / 2
         assert facts["big_position"] == POSITIONS[int(cx // 112)]
+    assert seen == set(LOCAL_TASKS)
+
+
+def test_fine_print_darkness_does_not_give_the_digit_away():
+    from pipelines.data.synth_tasks import render_fidelity_image
+
+    means = {}
+    for i in range(40):
+        img, facts = render_fidelity_image(random.Random(i), 112, ("fine_print",))
+        x0, y0, x1, y1 = facts["print_box"]
+        means.setdefault(facts["fine_print"], []).append(np.asarray(img.convert("L"))[y0:y1, x0:x1].mean())
+    centres = [np.mean(v) for v in means.values()]
+    # per-digit block means agree to < 1 grey level (the background noise alone moves them ~0.2)
+    assert len(means) == 4 and max(centres) - min(centres) < 1.0, centres
 
 
 def test_fidelity_task_selection_and_validation(tmp_path):

@@ -249,9 +249,10 @@ def generate(cfg: SynthConfig) -> dict:
     for i in tqdm(range(cfg.num_images), desc="synth", unit="img", disable=not cfg.progress):
         rng = random.Random(f"{cfg.seed}:{i}")  # str seeds hash with sha512: stable across processes
         if cfg.kind == "fidelity":
-            from pipelines.data.synth_tasks import render_fidelity_image  # noqa: PLC0415
+            from pipelines.data.synth_tasks import LOCAL_TASKS, render_fidelity_image  # noqa: PLC0415
 
-            img, facts = render_fidelity_image(rng, cfg.tile)
+            details = tuple(t for t in cfg.tasks if t in LOCAL_TASKS) or LOCAL_TASKS
+            img, facts = render_fidelity_image(rng, cfg.tile, details)
             fmt = "png"  # lossless: JPEG would smear the 1-px patterns the local tasks are about
         else:
             img, facts = render_image(rng, cfg)
