@@ -10,7 +10,7 @@ questions per local task, 1,350 per global task by default).
 
 "Absent from the global view" is measured, not assumed: a logistic probe reads each answer from the
 frozen tower's features of the global view (``global_probe``; at chance for texture and small_object,
-~0.5 for fine_print, whose 3 x 4 px blobs a linear probe partly reads) and, as a control, from the
+0.35-0.41 for fine_print, whose 3 x 4 px blobs a linear probe partly reads) and, as a control, from the
 crops' features pooled over patches (``crop_probe``).
 
 Model and path: benchmarks/miniature.py (the real SlimeModel, 112 px tiles, 16 queries per crop,
