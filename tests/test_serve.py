@@ -40,11 +40,11 @@ def tiny_checkpoints(tmp_path_factory):
             str(save_tiny_checkpoint(root / "v2", seed=1, cfg=tiny_vllm())))
 
 
-def serve_args(model: str, engine: str) -> dict:
+def serve_args(model: str, engine: str, max_replicas: int = 2) -> dict:
     return dict(model=model, model_id=MODEL_ID, api_key=KEY, num_cpus=0.25, max_ongoing_requests=8, engine=engine,
                 max_batch_size=4, batch_wait_timeout_s=0.05, max_image_pixels=500_000, max_tokens=64,
-                autoscaling=dict(min_replicas=1, max_replicas=2, target_ongoing_requests=2, upscale_delay_s=1,
-                                 downscale_delay_s=3, look_back_period_s=2, metrics_interval_s=0.5))
+                autoscaling=dict(min_replicas=1, max_replicas=max_replicas, target_ongoing_requests=2,
+                                 upscale_delay_s=1, downscale_delay_s=3, look_back_period_s=2, metrics_interval_s=0.5))
 
 
 @pytest.fixture(scope="module", params=["vllm", "hf"])
@@ -285,7 +285,10 @@ def test_model_swap_under_load_has_no_failed_requests(server, tiny_checkpoints, 
     old = {httpx.get(f"{server}/healthz").json()["fingerprint"]}
     with Load(server, threads=3, max_tokens=8) as load:
         wait_for(lambda: len(load.statuses) >= 3, 30, "traffic before the swap")
-        serve.run(build_app(serve_args(tiny_checkpoints[1], engine)), name=APP, route_prefix="/", blocking=False)
+        # One replica of the new version: under this load autoscaling would otherwise start two, i.e. two
+        # vLLM engines at once on 2 cores (the upscale path is test_autoscaling's); one is a rolling swap.
+        serve.run(build_app(serve_args(tiny_checkpoints[1], engine, max_replicas=1)), name=APP, route_prefix="/",
+                  blocking=False)
         seen = len(load.fingerprints)
         wait_for(lambda: len(load.fingerprints) >= seen + 6, 60, "traffic after the swap")
     assert set(load.statuses) == {200}, load.errors[:3]
