@@ -49,7 +49,9 @@ def test_ticks_retrain_evaluate_promote_and_roll_serve(ray_session, tmp_path):
     _synth_and_pack(tmp_path, seed=1, split="val")
     run_cfg = yaml.safe_load((REPO / "jobs/configs/train_tiny.yaml").read_text())
     run_cfg.update(storage_path=str(tmp_path / "runs"),
-                   phases=[dict(run_cfg["phases"][0], steps=2), dict(run_cfg["phases"][3], steps=2)],
+                   # One phase (joint) per retrain: what is checked here is the tick, not the schedule
+                   # (test_train covers phases); each phase costs its own data pipeline start-up.
+                   phases=[dict(run_cfg["phases"][3], steps=2)],
                    scaling=dict(run_cfg["scaling"], num_workers=1), checkpoint=dict(run_cfg["checkpoint"], every_steps=100))
     (tmp_path / "train.yaml").write_text(yaml.safe_dump(run_cfg))
     serve_cfg = yaml.safe_load((REPO / "cluster/serve_config.yaml").read_text())
