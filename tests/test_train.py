@@ -234,15 +234,16 @@ def test_worker_failure_resumes_and_s3_storage(ray_session, shards, tmp_path, s3
 
 @pytest.mark.integration
 def test_deepspeed_zero2_on_cpu(ray_session, shards, tmp_path):
-    """DeepSpeed ZeRO-2 (fp32 on CPU, torch AdamW instance) with gradient accumulation, 2 workers, 2 phases;
-    a mid-phase checkpoint holds DeepSpeed's shards; frozen weights stay bit-identical."""
+    """DeepSpeed ZeRO-2 (fp32 on CPU, torch AdamW instance) with gradient accumulation, 2 workers, one
+    phase (the phase change under DeepSpeed is ZeRO-3's test); a mid-phase checkpoint holds DeepSpeed's
+    shards; frozen weights stay bit-identical."""
     from pipelines.train.loop import train
 
     cfg = tiny_config(tmp_path, shards, "zero2", "engine.kind=deepspeed",
                       f"engine.deepspeed={CONFIGS / 'deepspeed_zero2.yaml'}", "optim.grad_accum=2",
                       "checkpoint.num_to_keep=null", "checkpoint.every_steps=2",
                       "phases=[{name: I-a, trainable: [projector], mode: global, forced_expert: 0, lr: 1.0e-3, "
-                      "steps: 3}, {name: II-local, trainable: [compressor], mode: local, lr: 1.0e-3, steps: 2}]")
+                      "steps: 5}]")
     summary = train(cfg)
     run_dir = tmp_path / "runs" / "zero2"
     assert (run_dir / "checkpoint-p00-s0000002" / "deepspeed" / "latest").exists()
@@ -250,9 +251,9 @@ def test_deepspeed_zero2_on_cpu(ray_session, shards, tmp_path):
     assert [s["global_step"] for s in steps] == [1, 2, 3, 4, 5]
     assert all(math.isfinite(s["loss"]) for s in steps)
     init = load_file(str(run_dir / "init_model" / "model.safetensors"))
-    final = checkpoint_weights(run_dir, 1)
+    final = checkpoint_weights(run_dir, 0)
     changed = {k for k in final if not torch.equal(init[k], final[k])}
-    assert changed and all(k.startswith(("projector.", "compressor.")) for k in changed)
+    assert changed and all(k.startswith("projector.") for k in changed)
     assert summary["metrics"]["global_step"] == 5
 
 
