@@ -4,7 +4,11 @@
 Two things differ from a person typing it, both outside the commands themselves: ``/tmp/slime`` is this
 test's own directory, in the commands and in copies of ``jobs/configs`` they read (so runs never share
 state), and ``slime serve`` gets a free ``--port`` instead of 8000 and is stopped with Ctrl-C (SIGINT)
-once it has answered."""
+once it has answered.
+
+``slime train`` here is the plain DDP run of ``train_tiny.yaml`` (2 workers, the four paper phases), so
+its run directory is also where the golden losses, the per-phase trainable sets and the export are
+checked (``tests.test_train.check_ddp_four_phases``) instead of training the same run again there."""
 
 from __future__ import annotations
 
@@ -60,6 +64,11 @@ def test_readme_steps_run_in_order(tmp_path):
     for argv in steps[:-1]:
         proc = subprocess.run(slime + argv[1:], cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
         assert proc.returncode == 0, (argv, proc.stdout[-3000:], proc.stderr[-3000:])
+        if argv[1] == "train":  # the job prints train()'s summary as its last line
+            from tests.test_train import check_ddp_four_phases
+
+            summary = json.loads([line for line in proc.stdout.splitlines() if line.startswith("{")][-1])
+            check_ddp_four_phases(summary, root / "runs" / "tiny", root / "models" / "tiny")
         if argv[1] == "evaluate":
             metrics = json.loads((root / "models/tiny/eval/metrics.json").read_text())
             assert metrics["num_samples"] > 0 and (root / "models/tiny/eval/accuracy.png").exists()

@@ -1,7 +1,10 @@
 """Training: config/schedule units (no Ray), then real Ray Train runs of the tiny model on synthetic shards.
 
+The plain DDP run of ``train_tiny.yaml`` (2 workers, the four paper phases: golden losses, trainable
+sets per phase, export) is checked by ``check_ddp_four_phases`` on the README's own ``slime train`` run
+(tests/test_readme_steps.py), which is that run: training it a second time here would only repeat it.
 Golden losses: tests/assets/losses/tiny_ddp.json. Regenerate after an intended change with
-    SLIME_UPDATE_GOLDEN=1 pytest tests/test_train.py -k golden
+    SLIME_UPDATE_GOLDEN=1 pytest tests/test_readme_steps.py -k run_in_order
 """
 
 from __future__ import annotations
@@ -136,39 +139,32 @@ def checkpoint_weights(run_dir: Path, phase_index: int) -> dict[str, torch.Tenso
     return load_file(str(last / "model" / "model.safetensors"))
 
 
-# ----------------------------------------------------------------------------- Ray runs
-
-
-@pytest.mark.integration
-def test_ddp_four_phases_golden_losses_and_trainable_sets(ray_session, shards, tmp_path):
-    """2 DDP workers through the four paper phases; losses match the golden file; after each phase only
-    its trainable prefixes changed (bit-identical elsewhere); the export is a servable model dir."""
-    from pipelines.train.loop import train
+def check_ddp_four_phases(summary: dict, run_dir: Path, export: Path) -> None:
+    """``slime train --config train_tiny.yaml`` (2 DDP workers through the four paper phases): losses match
+    the golden file; after each phase only its trainable prefixes changed (bit-identical elsewhere); the
+    export is a servable model dir. ``summary`` is what ``train`` returned (the job prints it)."""
     from slime.predictor import Predictor
 
-    cfg = tiny_config(tmp_path, shards, "golden", "checkpoint.num_to_keep=null", "checkpoint.every_steps=4")
-    summary = train(cfg)
-    phases = expand_phases(cfg)
+    phases = expand_phases(load_config(TrainConfig, str(CONFIGS / "train_tiny.yaml")))
     assert summary["phase_steps"] == [4, 4, 4, 4]
 
-    steps, events = metric_lines(f"{tmp_path}/runs/golden/logs/metrics.jsonl")
+    steps, events = metric_lines(f"{run_dir}/logs/metrics.jsonl")
     assert [s["global_step"] for s in steps] == list(range(1, 17))
     assert {"phase_start", "phase_end"} <= {e["event"] for e in events}
     assert all(s["samples_per_s"] > 0 and s["visual_tokens_per_sample"] > 0 for s in steps)
     assert {s["phase"]: s["kept_local_fraction"] for s in steps}["III-joint"] == pytest.approx(0.75, abs=0.1)
-    assert list(Path(f"{tmp_path}/runs/golden/logs/tensorboard").glob("events.out.tfevents.*"))
-    assert summary["loss_plot"] == f"{tmp_path}/runs/golden/logs/loss.png"
+    assert list(Path(f"{run_dir}/logs/tensorboard").glob("events.out.tfevents.*"))
+    assert summary["loss_plot"] == f"{run_dir}/logs/loss.png"
     assert Path(summary["loss_plot"]).read_bytes()[:4] == b"\x89PNG"
 
     losses = [round(s["loss"], 6) for s in steps]
     if os.environ.get("SLIME_UPDATE_GOLDEN"):
         GOLDEN.parent.mkdir(parents=True, exist_ok=True)
-        GOLDEN.write_text(json.dumps({"config": "train_tiny.yaml (2 DDP workers, 4 phases x 4 steps)",
-                                      "losses": losses}, indent=1) + "\n")
+        GOLDEN.write_text(json.dumps({"config": "train_tiny.yaml as in the README (synth_tiny, 2 DDP workers, "
+                                                "4 phases x 4 steps)", "losses": losses}, indent=1) + "\n")
     golden = json.loads(GOLDEN.read_text())["losses"]
     assert losses == pytest.approx(golden, rel=1e-3)
 
-    run_dir = tmp_path / "runs" / "golden"
     before = load_file(str(run_dir / "init_model" / "model.safetensors"))
     for index, phase in enumerate(phases):
         after = checkpoint_weights(run_dir, index)
@@ -181,10 +177,13 @@ def test_ddp_four_phases_golden_losses_and_trainable_sets(ray_session, shards, t
         assert not unchanged, f"{phase.name}: trainable tensors did not change: {unchanged[:5]}"
         before = after
 
-    predictor = Predictor.load(f"{tmp_path}/export")
-    assert json.loads((tmp_path / "export" / "metadata.json").read_text())["phase"] == "III-joint"
-    assert (tmp_path / "export" / "EXPORT_COMPLETE").exists()
+    predictor = Predictor.load(str(export))
+    assert json.loads((export / "metadata.json").read_text())["phase"] == "III-joint"
+    assert (export / "EXPORT_COMPLETE").exists()
     assert predictor.cfg.max_length == 256
+
+
+# ----------------------------------------------------------------------------- Ray runs
 
 
 @pytest.mark.integration
@@ -201,6 +200,7 @@ def test_worker_failure_resumes_and_s3_storage(ray_session, shards, tmp_path, s3
                       "phases=[{name: I-a, trainable: [projector], mode: global, forced_expert: 0, lr: 1.0e-3, "
                       "steps: 4}, {name: II-local, trainable: [compressor], mode: local, lr: 1.0e-3, steps: 4}]",
                       "fault.global_step=7", "fault.rank=1", f"fault.marker={marker}", "checkpoint.num_to_keep=2",
+                      "checkpoint.every_steps=2",
                       f"logging.local_dir={tmp_path}/logs")
     summary = train(cfg)
     assert marker.exists(), "the injected failure never fired"
