@@ -41,6 +41,13 @@ def test_readme_block_is_the_one_machine_pipeline():
     assert names == ["synth", "pack", "pack", "train", "evaluate", "explain", "tokens", "serve"]
 
 
+def _ctrl_c_stops_it() -> None:
+    """In the child before exec: SIGINT back to its default, so Python turns it into KeyboardInterrupt.
+    A pytest started in the background (``nohup ... &``, non-interactive shells) ignores SIGINT, every child
+    inherits that, and ``slime serve`` would then never see the Ctrl-C this test sends."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -76,7 +83,8 @@ def test_readme_steps_run_in_order(tmp_path):
 
     port = _free_port()
     serve = subprocess.Popen(slime + steps[-1][1:] + ["--port", str(port)], cwd=REPO, env=env,
-                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                             preexec_fn=_ctrl_c_stops_it)
     try:
         # `slime serve` prints its "serving ... at URL" line once the app is deployed: wait for that line.
         lines = []
