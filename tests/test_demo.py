@@ -1,9 +1,5 @@
 """The README's first command, end to end: synth -> pack -> train all phases -> evaluate -> register +
-promote -> serve -> one request through the openai client. Runs in its own process (its own Ray).
-
-The recipe (phases, lr, tasks, 2 workers) is the demo's own; the test shortens each phase to 3 steps and
-synthesises 40 images instead of 400: every stage runs as in ``make demo``, on less data (evaluation
-then answers 16 held-out questions instead of 160)."""
+promote -> serve -> one request through the openai client. Runs in its own process (its own Ray)."""
 
 from __future__ import annotations
 
@@ -22,8 +18,7 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.integration
 def test_demo_end_to_end(tmp_path):
     env = {**os.environ, "RAY_AUTH_MODE": "disabled"}
-    proc = subprocess.run([sys.executable, "-m", "jobs.demo", f"workdir={tmp_path}", "steps_per_phase=3",
-                           "num_images=40"],
+    proc = subprocess.run([sys.executable, "-m", "jobs.demo", f"workdir={tmp_path}", "steps_per_phase=3"],
                           cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     summary = json.loads(proc.stdout.split("== done\n", 1)[1])
