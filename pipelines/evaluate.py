@@ -62,6 +62,7 @@ class EvalConfig:
     actor_num_cpus: float = 0.5
     actor_num_gpus: float = 0.0
     read_num_cpus: float = 0.25
+    read_concurrency: int | None = 2  # as DataConfig.read_concurrency: a burst of reads delays the engine actor
     device: str = "cpu"
     dtype: str | None = None
     preserve_order: bool = True
@@ -174,7 +175,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     paths, fs = read_target(shards, cfg.storage)
     metrics_actor("DataMetrics-eval")
     ds = ray.data.read_datasource(ShardReader(paths, filesystem=fs, metrics_name="DataMetrics-eval"),
-                                  num_cpus=cfg.read_num_cpus)
+                                  num_cpus=cfg.read_num_cpus, concurrency=cfg.read_concurrency)
     if cfg.data.limit:
         ds = ds.limit(cfg.data.limit)
     from pipelines.serve.engine import resolve_engine

@@ -92,10 +92,13 @@ def test_grouped_fetches_give_the_same_micro_batches(ray_session):
     ds = ray.data.from_items([{"input_ids": [i, i], "sample_hash": i} for i in range(22)], override_num_blocks=3)
     kwargs = {"prefetch_batches": 1, "dtypes": {"input_ids": torch.int64, "sample_hash": torch.int64}}
 
-    def take(per_fetch: int, n: int, skip: int = 0) -> tuple[list[list[int]], Batches]:
+    def take(per_fetch: int, n: int, skip: int = 0, warm: bool = False) -> tuple[list[list[int]], Batches]:
         b = Batches(ds.iterator(), kwargs, micro=4, per_fetch=per_fetch, skip=skip)
+        if warm:  # the first micro-batch is pulled in a background thread (the next phase's data, warmed)
+            b.warm()
         got = [b.next() for _ in range(n)]
-        b.it.close()  # end the Ray Data iteration while Ray is up (else it reports to a gone stats actor at exit)
+        b.close()  # end the Ray Data iteration while Ray is up (else it reports to a gone stats actor at exit)
+        assert b.it is None
         assert all("sample_hash" not in x for x in got)
         return [x["input_ids"][:, 0].tolist() for x in got], b
 
@@ -106,6 +109,14 @@ def test_grouped_fetches_give_the_same_micro_batches(ray_session):
     assert (b3.epoch, b3.batch_in_epoch) == (b1.epoch, b1.batch_in_epoch) == (2, 2)  # 5 per epoch, rows 20-21 dropped
     skipped, bs = take(3, 2, skip=4)
     assert skipped == [[16, 17, 18, 19], [0, 1, 2, 3]] and (bs.epoch, bs.batch_in_epoch) == (1, 1)
+    warmed, bw = take(3, 12, warm=True)
+    assert warmed == one and (bw.epoch, bw.batch_in_epoch) == (2, 2)
+    warm_skipped, _ = take(3, 2, skip=4, warm=True)
+    assert warm_skipped == skipped
+    failing = Batches(ray.data.from_items([{"input_ids": [1]}]).iterator(), kwargs, micro=4).warm()
+    with pytest.raises(RuntimeError, match="yielded no batch"):  # the warming thread's error, in the caller
+        failing.next()
+    failing.close()
 
 
 @pytest.fixture(scope="module")

@@ -66,6 +66,10 @@ class DataConfig:
     batch_size: int = 8
     max_tasks_in_flight_per_actor: int = 2  # queued batches per actor (overlaps its input with compute)
     read_num_cpus: float = 0.25
+    # Shard reads at once (None = as many as the CPUs allow). Each read task needs a worker process, and a
+    # burst of them delays the preprocessing actor: on 2 cores, ten 0.25-CPU reads took the CPU budget for
+    # 30 s and the actor started 54 s after the pipeline, against 5-10 s with 2 (a shard read is I/O, fast).
+    read_concurrency: int | None = 2
     shuffle: Literal["files", "none"] = "none"
     seed: int = 0
     preserve_order: bool = False
@@ -86,6 +90,8 @@ class DataConfig:
                              f"got {self.num_actors}")
         if self.actor_num_cpus < 0 or self.actor_num_gpus < 0 or self.read_num_cpus < 0:
             raise ValueError("actor_num_cpus, actor_num_gpus and read_num_cpus must be >= 0")
+        if self.read_concurrency is not None and self.read_concurrency < 1:
+            raise ValueError(f"read_concurrency must be >= 1 or null, got {self.read_concurrency}")
         if self.gamma is not None and not 0.0 < self.gamma <= 1.0:
             raise ValueError(f"gamma must be in (0, 1], got {self.gamma}")
         if isinstance(self.shards, tuple) and not self.shards:
@@ -171,7 +177,7 @@ def build_dataset(cfg: DataConfig, epoch: int = 0) -> ray.data.Dataset:
     # not after a whole shard; measured first batch 15 s -> see benchmarks/data_throughput.py.
     reader = ShardReader(paths, filesystem=fs, shuffle=shuffle, metrics_name=cfg.metrics_name,
                          rows_per_block=cfg.batch_size)
-    ds = ray.data.read_datasource(reader, num_cpus=cfg.read_num_cpus)
+    ds = ray.data.read_datasource(reader, num_cpus=cfg.read_num_cpus, concurrency=cfg.read_concurrency)
     sizes = cfg.num_actors if isinstance(cfg.num_actors, tuple) else (cfg.num_actors, cfg.num_actors)
     ds = ds.map_batches(
         Preprocessor,

@@ -122,6 +122,9 @@ class IngestSection:
 
     micro_batches_per_fetch: int = 4
     prefetch_batches: int = 1  # fetched batches (of micro_batches_per_fetch each) kept ready ahead
+    # Start each phase's data pipeline one phase ahead, in a background thread (loop.Batches.warm), and
+    # the first phase's while the model loads: a phase change then does not wait for Ray Data's start-up.
+    warm_next_phase: bool = True
 
     def __post_init__(self) -> None:
         if self.micro_batches_per_fetch < 1 or self.prefetch_batches < 0:

@@ -197,20 +197,61 @@ class Batches:
 
     Each Ray Data batch holds ``per_fetch`` micro-batches and is sliced here (views, no copies); only
     whole micro-batches are used, so what the loop sees does not depend on ``per_fetch``. ``skip``
-    micro-batches are discarded at the start of the first epoch (resume_data=skip)."""
+    micro-batches are discarded at the start of the first epoch (resume_data=skip).
+
+    ``warm()`` starts the pipeline in a background thread and waits there for its first micro-batch:
+    the loop warms the next phase's data while the current phase trains, so a phase change does not
+    wait for Ray Data to start its preprocessing actors (measured 12-50 s per phase on 2 cores). The
+    order of the micro-batches is unchanged."""
 
     def __init__(self, shard, kwargs: dict, micro: int, per_fetch: int = 1, epoch: int = 0, skip: int = 0) -> None:
         self.shard, self.kwargs, self.micro = shard, dict(kwargs, batch_size=micro * per_fetch, drop_last=False), micro
         self.epoch, self.batch_in_epoch, self.skip, self.it = epoch, 0, skip, None
+        self._warming, self._first, self._error = None, None, None
+
+    def warm(self) -> "Batches":
+        import threading
+
+        def first() -> None:
+            try:
+                self._first = self._pull()
+            except BaseException as e:  # re-raised by next(), in the loop's thread
+                self._error = e
+
+        self._warming = threading.Thread(target=first, name="slime-warm-data", daemon=True)
+        self._warming.start()
+        return self
 
     def _epoch(self):
-        m = self.micro
-        for fetched in self.shard.iter_torch_batches(**self.kwargs):
-            fetched.pop("sample_hash", None)  # identifies samples; not a model input
-            for i in range(len(fetched["input_ids"]) // m):
-                yield {k: v[i * m:(i + 1) * m] for k, v in fetched.items()}
+        m, fetches = self.micro, iter(self.shard.iter_torch_batches(**self.kwargs))
+        try:
+            for fetched in fetches:
+                fetched.pop("sample_hash", None)  # identifies samples; not a model input
+                for i in range(len(fetched["input_ids"]) // m):
+                    yield {k: v[i * m:(i + 1) * m] for k, v in fetched.items()}
+        finally:  # close() mid-epoch: Ray Data's iterator tells the split coordinator this split is done
+            getattr(fetches, "close", lambda: None)()
+
+    def close(self) -> None:
+        """End the shard's iteration: Ray Data then shuts the phase's pipeline down (its actors and their
+        CPUs/GPUs go back to the cluster) instead of keeping it backpressured until the run ends."""
+        if self._warming is not None:
+            self._warming.join()
+            self._warming = self._first = self._error = None
+        if self.it is not None:
+            self.it.close()
+            self.it = None
 
     def next(self) -> dict[str, torch.Tensor]:
+        if self._warming is not None:
+            self._warming.join()
+            self._warming, first, error, self._first, self._error = None, self._first, self._error, None, None
+            if error is not None:
+                raise error
+            return first
+        return self._pull()
+
+    def _pull(self) -> dict[str, torch.Tensor]:
         while True:
             if self.it is None:
                 self.it = self._epoch()
@@ -291,15 +332,22 @@ def train_loop_per_worker(config: dict) -> None:
                       global_step=pos.global_step, checkpoint=restored.path)
             if pos.phase_done:
                 pos = Position(phase_index=pos.phase_index + 1, checkpoint_dir=ckpt_dir)
-        model, tokenizer = load_pretrained(os.path.join(ckpt_dir, "model") if restored else config["init_dir"])
-        def phase_batches(i: int, skip: int = 0, epoch: int = 0) -> Batches:
-            dcfg = from_dict(DataConfig, config["data"][phases[i].name])
+        def phase_batches(i: int) -> Batches:
+            """Phase ``i``'s micro-batches; the restored phase continues where its checkpoint was taken."""
+            dcfg, mid = from_dict(DataConfig, config["data"][phases[i].name]), i == pos.phase_index and pos.step > 0
             return Batches(ray.train.get_dataset_shard(phases[i].name),
                            torch_batch_kwargs(dcfg, cfg.optim.micro_batch_size,
                                               prefetch_batches=cfg.ingest.prefetch_batches),
-                           cfg.optim.micro_batch_size, cfg.ingest.micro_batches_per_fetch, epoch, skip)
+                           cfg.optim.micro_batch_size, cfg.ingest.micro_batches_per_fetch,
+                           epoch=pos.data_epoch if mid else 0,
+                           skip=pos.batch_in_epoch if mid and cfg.resume_data == "skip" else 0)
 
-        engine = None
+        engine, warm = None, cfg.ingest.warm_next_phase
+        # The first phase's pipeline starts while the model loads, each next one while its predecessor trains.
+        warmed = {}
+        if warm and pos.phase_index < len(phases):
+            warmed[pos.phase_index] = phase_batches(pos.phase_index).warm()
+        model, tokenizer = load_pretrained(os.path.join(ckpt_dir, "model") if restored else config["init_dir"])
         for index in range(pos.phase_index, len(phases)):
             phase, total = phases[index], plan[index]
             resuming = index == pos.phase_index and pos.step > 0
@@ -314,8 +362,9 @@ def train_loop_per_worker(config: dict) -> None:
             if resuming:
                 engine.load(ckpt_dir)
             step = pos.step if resuming else 0
-            batches = phase_batches(index, skip=pos.batch_in_epoch if resuming and cfg.resume_data == "skip" else 0,
-                                    epoch=pos.data_epoch if resuming else 0)
+            batches = warmed.pop(index, None) or phase_batches(index)
+            if warm and index + 1 < len(phases):
+                warmed[index + 1] = phase_batches(index + 1).warm()
             log.event("phase_start", phase=phase.name, phase_index=index, steps=total, start_step=step,
                       trainable_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad),
                       trainable_tensors=len(trainable))
@@ -363,6 +412,7 @@ def train_loop_per_worker(config: dict) -> None:
                         ray.train.get_all_reported_checkpoints(consistency_mode=CheckpointConsistencyMode.COMMITTED)
                     log.sync()
             engine = None
+            batches.close()
             log.event("phase_end", phase=phase.name, phase_index=index, steps=total)
         log.close()
 
