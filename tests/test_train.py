@@ -87,7 +87,7 @@ def test_grouped_fetches_give_the_same_micro_batches(ray_session):
     dropped tail and epoch/skip accounting as fetching them one at a time."""
     import ray
 
-    from pipelines.train.loop import Batches
+    from pipelines.train.batches import Batches
 
     ds = ray.data.from_items([{"input_ids": [i, i], "sample_hash": i} for i in range(22)], override_num_blocks=3)
     kwargs = {"prefetch_batches": 1, "dtypes": {"input_ids": torch.int64, "sample_hash": torch.int64}}

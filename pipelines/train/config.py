@@ -122,7 +122,7 @@ class IngestSection:
 
     micro_batches_per_fetch: int = 4
     prefetch_batches: int = 1  # fetched batches (of micro_batches_per_fetch each) kept ready ahead
-    # Start each phase's data pipeline one phase ahead, in a background thread (loop.Batches.warm), and
+    # Start each phase's data pipeline one phase ahead, in a background thread (batches.Batches.warm), and
     # the first phase's while the model loads: a phase change then does not wait for Ray Data's start-up.
     warm_next_phase: bool = True
 
