@@ -264,11 +264,15 @@ def train_loop_per_worker(config: dict) -> None:
                            epoch=pos.data_epoch if mid else 0,
                            skip=pos.batch_in_epoch if mid and cfg.resume_data == "skip" else 0)
 
-        engine, warm = None, cfg.ingest.warm_next_phase
-        # The first phase's pipeline starts while the model loads, each next one while its predecessor trains.
-        warmed = {}
-        if warm and pos.phase_index < len(phases):
-            warmed[pos.phase_index] = phase_batches(pos.phase_index).warm()
+        engine, warmed, started = None, {}, set()
+
+        def warm(upto: int) -> None:  # phases up to ``upto`` (inclusive) have their pipelines started
+            for i in range(pos.phase_index, min(upto, len(phases) - 1) + 1):
+                if i not in started and cfg.ingest.warm_ahead:
+                    warmed[i] = phase_batches(i).warm()
+                    started.add(i)
+
+        warm(pos.phase_index + cfg.ingest.warm_ahead - 1)  # the first phases' start while the model loads
         model, tokenizer = load_pretrained(os.path.join(ckpt_dir, "model") if restored else config["init_dir"])
         for index in range(pos.phase_index, len(phases)):
             phase, total = phases[index], plan[index]
@@ -284,9 +288,8 @@ def train_loop_per_worker(config: dict) -> None:
             if resuming:
                 engine.load(ckpt_dir)
             step = pos.step if resuming else 0
+            warm(index + cfg.ingest.warm_ahead)
             batches = warmed.pop(index, None) or phase_batches(index)
-            if warm and index + 1 < len(phases):
-                warmed[index + 1] = phase_batches(index + 1).warm()
             log.event("phase_start", phase=phase.name, phase_index=index, steps=total, start_step=step,
                       trainable_parameters=sum(p.numel() for p in model.parameters() if p.requires_grad),
                       trainable_tensors=len(trainable))
