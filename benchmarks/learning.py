@@ -71,6 +71,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--compressor", default="local", choices=("local", "upstream"))
+    ap.add_argument("--features", default="raw", choices=("raw", "standardized"),
+                    help="standardized: per-dimension z-score of the tower features (Miniature.standardize)")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--threads", type=int, default=2, help="torch threads for the data, cache and probes")
     ap.add_argument("--jobs", type=int, default=2, help="variants trained at once (one process, one thread each)")
@@ -84,6 +86,8 @@ def main(argv: list[str] | None = None) -> dict:
         generate(SynthConfig(output_dir=f"{work}/raw", kind="fidelity", seed=args.seed, num_images=args.images,
                              val_fraction=args.val_images / args.images, captions=False, progress=False))
     mini = Miniature(f"{work}/raw", model_config(compressor=args.compressor), seed=args.seed)
+    if args.features == "standardized":
+        mini.standardize()
     base = chance(mini)
     print(f"data + cached features: {time.perf_counter() - t0:.0f} s; {len(mini.records['train'])} train / "
           f"{len(mini.records['val'])} val questions; work dir {work}", flush=True)
@@ -123,10 +127,12 @@ def main(argv: list[str] | None = None) -> dict:
     for line in checks["lines"]:
         print(line)
     total = round(time.perf_counter() - t0, 1)
-    print(f"\nwall {total:.0f} s (variants {walls}); compressor {args.compressor}; n per task "
+    print(f"\nwall {total:.0f} s (variants {walls}); compressor {args.compressor}; features {args.features}; "
+          f"n per task "
           f"{next(iter(tasks.values()))['chance']['n']}")
     out = {"seed": args.seed, "tasks": tasks, "targets_met": checks["met"], "wall_s": total, "variant_wall_s": walls,
-           "compressor": args.compressor, "steps": {"pre": args.pre_steps, "III": args.steps}}
+           "compressor": args.compressor, "features": args.features,
+           "steps": {"pre": args.pre_steps, "III": args.steps}}
     print(json.dumps(out))
     return out
 

@@ -97,6 +97,15 @@ class Miniature:
         self.grid = torch.as_tensor(np.stack(grids))  # [I, 2]
         self._encoded: dict = {}
 
+    def standardize(self) -> None:
+        """Per-dimension z-score of the cached tower features, with the training images' mean and std (a
+        fixed affine map, the same for every variant and probe). The miniature's tower is random, so its
+        feature dimensions have arbitrary scales; a pretrained tower's are better conditioned."""
+        train = sorted({self.image_index[r["image"]] for r in self.records["train"]})
+        f = self.features[train].float()
+        mu, sd = f.mean(dim=(0, 1, 2)), f.std(dim=(0, 1, 2))
+        self.features = ((self.features.float() - mu) / (sd + 1e-6)).to(self.features.dtype)
+
     def save(self, path: str | Path) -> None:
         """Everything a worker process needs (features, records, init weights), without the encodings."""
         state = {k: v for k, v in self.__dict__.items() if k not in ("_encoded", "processor", "tokenizer")}
