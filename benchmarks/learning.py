@@ -23,12 +23,15 @@ Variants (same data, same init, same total number of steps):
     slime-g1.0    the paper's alternating schedule I-a -> I-b -> II -> III, gamma 1.0 (also 0.75, 0.5)
     end-to-end    one joint phase from the start, gamma 0.75 (paper Table 4's "end-to-end")
 
-    python -m benchmarks.learning [--seed N] [--steps 600] [--pre-steps 30] [--images 3600] [--jobs 2]
-                                  [--features raw|standardized]
+    python -m benchmarks.learning [--seed N] [--steps 900] [--pre-steps 30] [--images 3600] [--jobs 2]
+                                  [--features standardized|raw]
 
-``--features standardized`` z-scores the cached tower features per dimension (training images' statistics,
-one fixed map for every variant and probe). With it, seed 0 learned fine print (gamma 0.75: 0.991 against
-global-only 0.257); with the default raw features the random tower's scales keep it at chance (README).
+Features are z-scored per dimension by default (``Miniature.standardize``: the training images' mean and
+std, one fixed map for every variant and probe). The miniature's tower is random, so its feature
+dimensions have arbitrary scales; with ``--features raw`` the glyph signal of fine print sits under the
+saturated colours and every variant stays at chance on it (README). Phase III has 900 steps: at 600 the
+gamma 1.0 run was still mid-way through learning fine print on both seeds (0.56, 0.36), at 750 it was at
+0.99 (seeds 0 and 1, measured every 150 steps).
 
 The last stdout line is one JSON object:
 {"seed": N, "tasks": {TASK: {"kind": "local"|"global", "global_probe": ACC, "crop_probe": ACC, "chance": {...},
@@ -38,6 +41,7 @@ The last stdout line is one JSON object:
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import multiprocessing as mp
 import os
@@ -48,6 +52,8 @@ from concurrent.futures import ProcessPoolExecutor
 import torch
 
 VARIANTS = ("global-only", "slime-g1.0", "slime-g0.75", "slime-g0.5", "end-to-end")
+# Relative wall time of each variant (seed 0, 900 phase-III steps: 480, 447, 392, 354, 220 s).
+COST = {"slime-g1.0": 1.22, "end-to-end": 1.14, "slime-g0.75": 1.0, "slime-g0.5": 0.9, "global-only": 0.56}
 
 
 def crop_probe(mini, task: str) -> float:
@@ -71,12 +77,12 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seed", type=int, default=0, help="data, init and batch order")
     ap.add_argument("--images", type=int, default=3600, help="train + val images")
     ap.add_argument("--val-images", type=int, default=1350, help="one detail each: ~450 per local task")
-    ap.add_argument("--steps", type=int, default=600, help="phase III steps (end-to-end: steps + 3 * pre)")
+    ap.add_argument("--steps", type=int, default=900, help="phase III steps (end-to-end: steps + 3 * pre)")
     ap.add_argument("--pre-steps", type=int, default=30, help="steps of each of I-a, I-b, II")
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--batch", type=int, default=16)
     ap.add_argument("--compressor", default="local", choices=("local", "upstream"))
-    ap.add_argument("--features", default="raw", choices=("raw", "standardized"),
+    ap.add_argument("--features", default="standardized", choices=("standardized", "raw"),
                     help="standardized: per-dimension z-score of the tower features (Miniature.standardize)")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--threads", type=int, default=2, help="torch threads for the data, cache and probes")
@@ -89,7 +95,8 @@ def main(argv: list[str] | None = None) -> dict:
     work = args.work or tempfile.mkdtemp(prefix="slime-learning-")
     if not (args.reuse_data and os.path.exists(f"{work}/raw/val.json")):
         generate(SynthConfig(output_dir=f"{work}/raw", kind="fidelity", seed=args.seed, num_images=args.images,
-                             val_fraction=args.val_images / args.images, captions=False, progress=False))
+                             val_fraction=args.val_images / args.images, captions=False, progress=False,
+                             workers=args.threads))
     mini = Miniature(f"{work}/raw", model_config(compressor=args.compressor), seed=args.seed)
     if args.features == "standardized":
         mini.standardize()
@@ -110,18 +117,22 @@ def main(argv: list[str] | None = None) -> dict:
     variants = args.variants.split(",")
     cache = f"{work}/miniature.pt"
     mini.save(cache)  # the workers load the cached features instead of re-running the tower
-    jobs = [(cache, v, args.steps, args.pre_steps, args.lr, args.batch, args.seed) for v in variants]
+    # The variants' wall times differ by 2x (gamma 1.0 keeps the most local tokens, global-only none), so each
+    # worker gets a fixed lane of variants, split so that the lanes end as close together as possible.
+    lanes = balanced_lanes(variants, max(1, min(args.jobs, len(variants))))
+    jobs = [[(cache, v, args.steps, args.pre_steps, args.lr, args.batch, args.seed) for v in lane] for lane in lanes]
     # One process per core, one thread each: these matrices are too small for two threads to help one step.
-    with ProcessPoolExecutor(max_workers=max(1, min(args.jobs, len(jobs))), mp_context=mp.get_context("spawn"),
+    with ProcessPoolExecutor(max_workers=len(jobs), mp_context=mp.get_context("spawn"),
                              initializer=torch.set_num_threads, initargs=(1,)) as pool:
-        for variant, acc, loss, wall in pool.map(run_variant, jobs):  # in order, as each finishes
-            walls[variant] = wall
-            for task, a in acc.items():
-                tasks[task]["results"][variant] = a
-            print(f"{variant}: final loss {loss:.3f}, {wall:.0f} s; "
-                  + ", ".join(f"{k} {v['accuracy']:.3f}" for k, v in acc.items()), flush=True)
+        for lane in pool.map(run_lane, jobs):
+            for variant, acc, loss, wall in lane:
+                walls[variant] = wall
+                for task, a in acc.items():
+                    tasks[task]["results"][variant] = a
 
-    names = ["chance"] + args.variants.split(",")
+    for row in tasks.values():
+        row["results"] = {v: row["results"][v] for v in variants}  # the command line's order, not completion's
+    names = ["chance"] + variants
     print("\n| task | kind | global probe | " + " | ".join(names) + " |")
     print("|---|---|---|" + "---|" * len(names))
     for task, row in tasks.items():
@@ -139,6 +150,27 @@ def main(argv: list[str] | None = None) -> dict:
            "compressor": args.compressor, "features": args.features,
            "steps": {"pre": args.pre_steps, "III": args.steps}}
     print(json.dumps(out))
+    return out
+
+
+def balanced_lanes(variants: list[str], lanes: int) -> list[list[str]]:
+    """Assign variants to ``lanes`` workers minimising the longest lane's expected wall time (COST, exhaustive:
+    at most lanes ** 5 splits)."""
+    def longest(assign):
+        return max(sum(COST.get(v, 1.0) for v, a in zip(variants, assign) if a == lane) for lane in range(lanes))
+
+    best = min(itertools.product(range(lanes), repeat=len(variants)), key=longest)
+    return [lane for lane in ([v for v, a in zip(variants, best) if a == k] for k in range(lanes)) if lane]
+
+
+def run_lane(jobs: list[tuple]) -> list[tuple[str, dict, float, float]]:
+    """One worker's variants, one after another; each is printed when it finishes."""
+    out = []
+    for job in jobs:
+        variant, acc, loss, wall = run_variant(job)
+        print(f"{variant}: final loss {loss:.3f}, {wall:.0f} s; "
+              + ", ".join(f"{k} {v['accuracy']:.3f}" for k, v in acc.items()), flush=True)
+        out.append((variant, acc, loss, wall))
     return out
 
 

@@ -38,6 +38,18 @@ def test_same_seed_same_bytes_and_pixels(tmp_path):
     assert a[0] != c[0] and set(a[1].values()).isdisjoint(c[1].values())
 
 
+def test_worker_processes_write_the_same_bytes(tmp_path):
+    """workers=2 renders chunks of images in two processes: the same files, byte for byte, as one process."""
+    for kind in ("scene", "fidelity"):
+        generate(_cfg(tmp_path / f"{kind}1", kind=kind, num_images=70))  # 3 chunks of <= 32
+        generate(_cfg(tmp_path / f"{kind}2", kind=kind, num_images=70, workers=2))
+        one, two = ({p.relative_to(d): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+                    for d in (tmp_path / f"{kind}1", tmp_path / f"{kind}2"))
+        assert len(one) == 72 and one == two
+    with pytest.raises(ValueError, match="workers must be >= 1"):
+        _cfg(tmp_path, workers=0)
+
+
 def test_sizes_formats_and_splits(tmp_path):
     cfg = _cfg(tmp_path)
     summary = generate(cfg)
