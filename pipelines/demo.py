@@ -101,7 +101,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     model_cfg = preset(cfg.preset)
     synth = generate(SynthConfig(output_dir=str(raw), kind="fidelity", seed=cfg.seed, num_images=cfg.num_images,
                                  tile=model_cfg.vision.image_size, tasks=cfg.tasks, val_fraction=0.2,
-                                 captions=False, progress=False))
+                                 captions=False, progress=False, workers=2))
     timings["synth_s"] = time.perf_counter() - t
     print(f"{synth['images']} images, {synth['train_records']} train + {synth['val_records']} val questions "
           f"-> {raw}")
