@@ -42,9 +42,16 @@ def _sample(logits: torch.Tensor, p: GenerationParams, gen: torch.Generator | No
     return int(torch.multinomial(probs / probs.sum(), 1, generator=gen))
 
 
+# What a byte-level tokenizer decodes the bytes of a not yet finished UTF-8 character to. Trailing ones are
+# held back while generating (the next token may complete the character) and dropped when generation ends,
+# as vLLM's incremental detokenizer does: the served engine and this reference give the same text.
+UNFINISHED = "\ufffd"
+
+
 def _held_back(text: str, stops: tuple[str, ...]) -> int:
-    """How many trailing characters might be the start of a stop string (not yet safe to stream)."""
-    keep = 0
+    """How many trailing characters might be the start of a stop string or an unfinished character (not
+    yet safe to stream)."""
+    keep = len(text) - len(text.rstrip(UNFINISHED))
     for s in stops:
         for k in range(min(len(s) - 1, len(text)), 0, -1):
             if text.endswith(s[:k]):
@@ -103,6 +110,8 @@ def generate(model, tokenizer, batch: dict[str, torch.Tensor], params: list[Gene
                     res.text, res.finish_reason, active[b] = res.text[:hit], "stop", False
                 elif len(res.token_ids) >= p.max_new_tokens:
                     active[b] = False
+            if not active[b]:
+                res.text = res.text.rstrip(UNFINISHED)
             if on_text is not None:
                 safe = len(res.text) if not active[b] else len(res.text) - _held_back(res.text, p.stop)
                 if safe > streamed[b]:

@@ -1,13 +1,15 @@
 """Evaluation: answer normalisation and aggregation (no Ray), then a real Ray Data run on a fixture whose
-answers are known: pass 1 records what the model generates greedily; pass 2 runs on shards whose
-reference equals that output for every other record and is wrong for the rest -> accuracy 0.5 exactly.
-Both passes run on the vLLM engine (one ``vllm.LLM`` per Ray Data actor)."""
+answers are known: the reference Predictor (in this process, no Ray) records what the model generates
+greedily; the evaluation job then runs on the vLLM engine (one in-process ``vllm.LLM`` per Ray Data actor)
+over shards whose reference equals that output for every other record and is wrong for the rest ->
+accuracy 0.5 exactly, which also holds only if vLLM and the Predictor generate the same answers."""
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from pipelines.evaluate import normalize_answer, split_record, summarize
@@ -42,6 +44,7 @@ def test_evaluate_known_answers(ray_session, tmp_path):
     from jobs.evaluate import main
     from pipelines.data.pack import PackConfig, pack
     from pipelines.data.synth import SynthConfig, generate
+    from pipelines.evaluate import EvalPredictor
     from slime.presets import save_tiny_checkpoint, tiny_vllm
 
     model = save_tiny_checkpoint(tmp_path / "models" / "tiny", cfg=tiny_vllm())  # engine auto -> vLLM
@@ -49,14 +52,16 @@ def test_evaluate_known_answers(ray_session, tmp_path):
     generate(SynthConfig(output_dir=str(raw), num_images=4, min_side=448, max_side=640, val_fraction=0.0,
                          progress=False))
     pack(PackConfig(inputs=(str(raw / "train.json"),), output_dir=str(tmp_path / "wds" / "v1"), progress=False))
-    first = tmp_path / "pass1" / "metrics.json"
-    assert main(["--config", "jobs/configs/eval_tiny.yaml", f"model={model}", f"data.val={tmp_path}/wds/v1",
-                 f"output={first}", "batch_size=4", "max_tokens=6"]) == 0
-    predicted = {json.loads(line)["id"]: json.loads(line)["prediction"]
-                 for line in (first.parent / "predictions.jsonl").read_text().splitlines()}
-
+    # What the model answers greedily, from the reference Predictor fed exactly what an actor gets: the
+    # packed record's JSON and its untouched image bytes.
     records = json.loads((raw / "train.json").read_text())
-    assert set(predicted) == {r["id"] for r in records} and all(predicted.values())
+    reference = EvalPredictor(model=str(model), max_tokens=6, gamma=None, prompt_suffix="", device="cpu", dtype=None,
+                              engine="hf")
+    rows = reference({"image": np.array([(raw / r["image"]).read_bytes() for r in records], dtype=object),
+                      "json": np.array([json.dumps(r) for r in records], dtype=object)})
+    predicted = dict(zip(rows["id"], rows["prediction"]))
+
+    assert set(predicted) == {r["id"] for r in records} and all(predicted.values()) and not any(rows["error"])
     for i, r in enumerate(records):  # same prompts, same images, same order: only the references change
         r["conversations"][-1]["value"] = predicted[r["id"]] if i % 2 == 0 else "zq wrong answer"
     (raw / "known.json").write_text(json.dumps(records))

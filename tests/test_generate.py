@@ -109,3 +109,37 @@ def test_stream_holds_back_a_partial_stop(predictor):
     stop = full.text[start:start + 2] + "\x00never"  # a stop whose prefix appears but never completes
     req = ask("Describe the image.", (100, 300), "blue", max_tokens=20, stop=[stop])
     assert "".join(predictor.stream(req)) == full.text
+
+
+class _Scripted(torch.nn.Module):
+    """A model whose LLM emits a fixed token sequence (greedy), to drive generate()'s text handling."""
+
+    def __init__(self, script: list[int], vocab: int) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.zeros(1))
+        self.script, self.vocab, self.calls = script, vocab, 0
+
+    def prepare_inputs(self, input_ids, attention_mask, *_):
+        pos = torch.arange(input_ids.shape[1])[None].expand_as(input_ids)
+        return None, attention_mask, pos, None
+
+    def llm(self, **_):
+        logits = torch.zeros(1, 1, self.vocab)
+        logits[0, 0, self.script[min(self.calls, len(self.script) - 1)]] = 1.0
+        self.calls += 1
+        return type("Out", (), {"logits": logits, "past_key_values": None})()
+
+
+@pytest.mark.parametrize("max_tokens,text", [(3, "A"), (4, "A€")])
+def test_a_character_split_over_tokens_is_never_streamed_half(max_tokens, text):
+    """'€' is three byte tokens: the bytes of an unfinished character are held back while streaming and
+    dropped when generation stops inside it (vLLM's detokenizer does the same), never sent as U+FFFD."""
+    tok = build_tiny_tokenizer(1024)
+    ids = tok("A€", add_special_tokens=False)["input_ids"]
+    assert len(ids) == 4  # 'A' + the three bytes of '€'
+    deltas = []
+    batch = {"input_ids": torch.tensor([[5, 6]]), "attention_mask": torch.ones(1, 2, dtype=torch.long)}
+    out = generate(_Scripted(ids, len(tok)), tok, batch, [GenerationParams(max_new_tokens=max_tokens)],
+                   on_text=lambda b, d: deltas.append(d))
+    assert out[0].token_ids == ids[:max_tokens] and out[0].text == text
+    assert "".join(deltas) == text and not any("\ufffd" in d for d in deltas), deltas
