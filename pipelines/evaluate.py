@@ -191,7 +191,8 @@ def evaluate(cfg: EvalConfig) -> dict:
     ds = ds.map_batches(EvalPredictor, fn_constructor_kwargs=dict(
         model=cfg.model, max_tokens=cfg.max_tokens, gamma=cfg.gamma, mode=cfg.mode, prompt_suffix=cfg.prompt_suffix,
         device=cfg.device, dtype=cfg.dtype, engine=engine, in_process=cfg.vllm_in_process),
-        compute=ActorPoolStrategy(size=cfg.num_actors), batch_size=cfg.batch_size, num_cpus=cfg.actor_num_cpus, num_gpus=cfg.actor_num_gpus, batch_format="numpy")
+        compute=ActorPoolStrategy(size=cfg.num_actors), batch_size=cfg.batch_size, num_cpus=cfg.actor_num_cpus,
+        num_gpus=cfg.actor_num_gpus, batch_format="numpy")
     ds.context.execution_options.preserve_order = cfg.preserve_order
     rows = [{k: v.item() if hasattr(v, "item") else v for k, v in r.items()} for r in ds.take_all()]
     wall = time.perf_counter() - start
