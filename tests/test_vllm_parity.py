@@ -124,3 +124,20 @@ def test_prompt_without_instruction_ids_derives_them(family):
     prompt["mm_processor_kwargs"] = {"gamma": 0.5}
     out = llm.generate([prompt], chat.sampling_params(req, info), use_tqdm=False)[0].outputs[0]
     assert chat.completion_ids(out.token_ids) == reference_ids(pred, req)
+
+
+def test_cpu_engines_keep_the_model_in_the_engine_core_process(tmp_path):
+    """On CPU vLLM swaps the executor name "uni" for "mp" (one more spawned process per engine start);
+    given as a class it stays. The parity tests above run on engines built this way. More than one device
+    keeps vLLM's own choice."""
+    from vllm.platforms import current_platform
+    from vllm.v1.executor.uniproc_executor import UniProcExecutor
+
+    from pipelines.serve.engine import engine_kwargs
+    from slime.presets import save_tiny_checkpoint
+
+    if not current_platform.is_cpu():
+        pytest.skip("the executor is vLLM's own choice off CPU")
+    model = str(save_tiny_checkpoint(tmp_path / "m", cfg=vllm_tiny("llama")))
+    assert engine_kwargs(model)["distributed_executor_backend"] is UniProcExecutor
+    assert "distributed_executor_backend" not in engine_kwargs(model, tensor_parallel_size=2)

@@ -122,7 +122,8 @@ def engine_kwargs(uri: str, *, visual_mode: VisualMode = "both", enforce_eager: 
 
     local = Path(local_copy(str(uri))).resolve()
     cfg = load_config(local)
-    if current_platform.is_cpu() and overrides.get("tensor_parallel_size", 1) == 1:
+    one_device = all((overrides.get(k) or 1) == 1 for k in ("tensor_parallel_size", "pipeline_parallel_size"))
+    if current_platform.is_cpu() and one_device:
         # vLLM's CPU platform turns the one-process executor ("uni") into "mp": one more spawned process that
         # imports torch and vLLM again, ~8 s of an AsyncLLM start on 2 idle cores (15.6 -> 7.9 s measured,
         # same tokens) and far more while the cores serve. Given as a class, the uni executor runs the model
