@@ -198,21 +198,16 @@ def offline_engine(uri: str, *, in_process: bool = False, **kwargs):
     and initialises ``torch.distributed`` in it, and it seeds the process's global RNGs. Generation is the
     same either way (same tokens; tests/test_evaluate.py checks the in-process engine against the Predictor).
     The asynchronous engine (serving) always has its own process: vLLM does not run ``AsyncLLM`` in-process."""
+    from unittest import mock
+
     from vllm import LLM
 
     if not in_process:
         return LLM(**engine_kwargs(uri, **kwargs))
     # Read while the engine is built (platform check, EngineArgs, LLMEngine), and only then: restored after,
     # so an AsyncLLM or a child process started later in this process gets vLLM's default.
-    old = os.environ.get("VLLM_ENABLE_V1_MULTIPROCESSING")
-    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
-    try:
+    with mock.patch.dict(os.environ, {"VLLM_ENABLE_V1_MULTIPROCESSING": "0"}):
         return LLM(**engine_kwargs(uri, **kwargs))
-    finally:
-        if old is None:
-            os.environ.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)
-        else:
-            os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = old
 
 
 def async_engine(uri: str, **kwargs):
