@@ -92,6 +92,8 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--work", default=None)
     ap.add_argument("--reuse-data", action="store_true", help="keep the images already under --work/raw")
     args = ap.parse_args(argv)
+    if not 0 < args.val_images < args.images:
+        ap.error(f"--val-images ({args.val_images}) must be between 0 and --images ({args.images})")
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     work = args.work or tempfile.mkdtemp(prefix="slime-learning-")
