@@ -1,56 +1,98 @@
-"""`slime convert --upstream DIR --kind slime|dense_connector --preset slime-8b --vision-path CLIP_DIR --out DIR`
+"""`slime convert --upstream RELEASE --out DIR [--base LLM_DIR] [--vision-path TOWER_DIR]`
 
-Turns a released SliME or Dense Connector checkpoint (HF directory with *.safetensors or *.bin weights
-and its tokenizer) into a slime-ray model directory that `slime serve` / `slime evaluate` load by path.
-Loads from local paths or s3:// (copied to a local cache). Nothing is downloaded from a hub.
+Turns a released SliME or Dense Connector checkpoint into a slime-ray model directory that `slime serve` /
+`slime evaluate` load by path. The release's config.json decides every visual setting; flags only fill
+what it lacks (a flag that contradicts it is an error naming both). Full releases, adapter-only stage
+directories and LoRA releases (merged into --base) load from local paths or s3://. Nothing is downloaded.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-
-from slime.config import replace
-from slime.presets import PRESETS, preset
+import sys
 
 
 def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="slime convert", description=__doc__.split("\n\n")[1])
+    ap.add_argument("--upstream", required=True, help="the release directory (local or s3://)")
+    ap.add_argument("--out", required=True, help="where the slime-ray model directory is written")
+    ap.add_argument("--base", default=None, help="the LLM an adapter-only stage or a LoRA release was trained from")
+    ap.add_argument("--vision-path", default=None,
+                    help="the CLIP/SigLIP HF dir, for a release that holds no tower weights")
+    ap.add_argument("--kind", default=None, choices=["slime", "dense_connector"], help="checked against config.json")
+    ap.add_argument("--connector", default=None, choices=["mlp", "sti", "sci", "dci"],
+                    help="Dense Connector type, for a config.json without mm_dense_connector_type")
+    ap.add_argument("--template", default=None, choices=["vicuna_v1", "llama3", "chatml", "plain"],
+                    help="chat template (default: llama3 for a Llama-3 tokenizer, else vicuna_v1)")
+    args = ap.parse_args(argv)
+    try:
+        report = convert(args)
+    except (ValueError, KeyError, FileNotFoundError, OSError) as e:
+        message = e.args[0] if isinstance(e, KeyError) and e.args else e
+        print(f"slime convert: {message}", file=sys.stderr)
+        return 2
+    print(json.dumps(report, indent=2))
+    return 0
+
+
+def convert(args) -> dict:
+    from dataclasses import replace
+
+    import torch
     from transformers import AutoTokenizer
 
-    from slime.checkpoint import architecture_config, save_pretrained
-    from slime.importer import load_upstream, read_upstream_weights
+    from slime.checkpoint import save_pretrained
+    from slime.importer import load_upstream
     from slime.model import build_model
+    from slime.releases import read_release
     from slime.storage import local_copy
     from slime.tokenizer import ensure_image_token
 
-    ap = argparse.ArgumentParser(prog="slime convert", description=__doc__.split("\n\n")[1])
-    ap.add_argument("--upstream", required=True, help="released checkpoint dir (local or s3://)")
-    ap.add_argument("--kind", required=True, choices=["slime", "dense_connector"])
-    ap.add_argument("--preset", required=True, choices=sorted(PRESETS))
-    ap.add_argument("--vision-path", default=None,
-                    help="the CLIP/SigLIP HF dir the checkpoint was trained with (real presets need it)")
-    ap.add_argument("--connector", default="mlp", choices=["mlp", "sti", "sci", "dci"])
-    ap.add_argument("--out", required=True)
-    args = ap.parse_args(argv)
-    upstream = local_copy(args.upstream)
-    cfg = preset(args.preset, vision_path=args.vision_path)
-    if args.preset != "tiny" and not args.vision_path:
-        ap.error(f"--vision-path is required for preset {args.preset}")
-    cfg = replace(cfg, connector=replace(cfg.connector, kind=args.connector))
-    if args.kind == "dense_connector":  # LLaVA-1.5 style: no attention expert, no local branch trained
-        cfg = replace(cfg, global_branch=replace(cfg.global_branch, kind="mlp"))
-    tokenizer = AutoTokenizer.from_pretrained(upstream)
-    ensure_image_token(tokenizer)
-    llm_conf = architecture_config(json.loads(open(f"{upstream}/config.json").read()))
-    llm_conf = {k: v for k, v in llm_conf.items() if not k.startswith("mm_")}  # LLaVA's multimodal keys
-    llm_conf["model_type"] = cfg.llm.kind
-    model = build_model(cfg, tokenizer, llm_hf_config=llm_conf)
-    report = load_upstream(model, read_upstream_weights(upstream), args.kind)
-    out = save_pretrained(model, tokenizer, args.out, metadata={"imported_from": args.upstream, "kind": args.kind,
-                                                                 "dropped": report["dropped"]})
-    print(json.dumps({"out": str(out), "dropped": len(report["dropped"]),
-                      "kept_init": report["kept_init"][:20]}, indent=2))
-    return 0
+    print(f"[convert] reading {args.upstream}", file=sys.stderr)
+    rel = read_release(local_copy(args.upstream), base=args.base and local_copy(args.base),
+                       vision_path=args.vision_path and local_copy(args.vision_path), kind=args.kind,
+                       connector=args.connector, template=args.template)
+    tokenizer = AutoTokenizer.from_pretrained(str(rel.tokenizer_dir))
+    rows = len(tokenizer)
+    ensure_image_token(tokenizer)  # id len(tokenizer): outside the LLM's rows, never embedded, never sampled
+    print(f"[convert] {rel.kind} ({rel.layout}): {rel.cfg.connector.kind} connector, {rel.cfg.vision.kind} tower, "
+          f"mode {rel.cfg.visual_mode}, gamma {rel.cfg.local.gamma}", file=sys.stderr)
+    model = build_model(replace(rel.cfg, dtype="float32"), tokenizer, llm_hf_config=rel.llm_config,
+                        vision_hf_config=rel.vision_hf_config)
+    loaded = load_upstream(model, rel.weights, rel.kind)
+    own_rows = model.llm.get_input_embeddings().weight.shape[0]
+    if own_rows != rows:
+        raise ValueError(f"the converted LLM has {own_rows} rows but the release's tokenizer has {rows} tokens")
+    # Modules the release has no weights for (a DC release's compressor) are never run in its visual mode.
+    unused = [k for k in loaded["kept_init"] if not k.startswith("vision.") and not _used(k, rel.cfg)]
+    at_init = [k for k in loaded["kept_init"] if not k.startswith("vision.") and _used(k, rel.cfg)]
+    if rel.cfg.vision.path is None and any(k.startswith("vision.") for k in loaded["kept_init"]):
+        at_init += [k for k in loaded["kept_init"] if k.startswith("vision.")]
+    if at_init:
+        raise ValueError(f"the release provides no weights for {len(at_init)} tensors the model runs "
+                         f"(first: {at_init[0]})")
+    model = model.to(getattr(torch, rel.cfg.dtype))  # the release's own precision
+    meta = {"imported_from": args.upstream, "kind": rel.kind, "layout": rel.layout, "base": args.base,
+            "visual_mode": rel.cfg.visual_mode, "gamma": rel.cfg.local.gamma,
+            "selector": {"selection": rel.cfg.local.selection, "score": rel.cfg.local.score,
+                         "text": rel.cfg.local.text},
+            "dropped": loaded["dropped"], "unused_at_init": unused, "notes": rel.notes}
+    out = save_pretrained(model, tokenizer, args.out, metadata=meta)
+    print(f"[convert] wrote {out}", file=sys.stderr)
+    return {"out": str(out), "kind": rel.kind, "layout": rel.layout, "connector": rel.cfg.connector.kind,
+            "visual_mode": rel.cfg.visual_mode, "gamma": rel.cfg.local.gamma, "template": rel.cfg.template,
+            "dropped": len(loaded["dropped"]), "unused_at_init": len(unused), "notes": rel.notes}
+
+
+def _used(key: str, cfg) -> bool:
+    """Does the model run this tensor in its visual mode? (global: no compressor; local: no global adapter)."""
+    if key.startswith("compressor."):
+        return cfg.visual_mode != "global"
+    if key.startswith("global_adapter."):
+        # the noise weight only acts in training; the gate and attention expert only outside "local"
+        return cfg.visual_mode != "local" and not key.startswith("global_adapter.noise.")
+    return True
 
 
 if __name__ == "__main__":

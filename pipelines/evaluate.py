@@ -54,7 +54,7 @@ class EvalConfig:
     predictions: bool = True  # also write predictions.jsonl beside metrics.json
     max_tokens: int = 16
     gamma: float | None = None  # local keep ratio at inference; None = the model's
-    mode: VisualMode = "both"  # visual tokens fed at inference (global-only models: "global")
+    mode: VisualMode | None = None  # visual tokens fed at inference; None = the model's own (metadata)
     engine: Literal["auto", "vllm", "hf"] = "auto"  # as ServeArgs.engine: auto = vllm where vLLM runs the model
     # vLLM's engine core inside the actor's own process (engine.offline_engine): None = on CPU, where it starts
     # ~12 s sooner; on GPU its own process overlaps scheduling with the model's work.
@@ -93,7 +93,7 @@ class EvalPredictor:
     """Ray Data callable class: one engine per actor (vLLM or the HF Predictor), loaded once."""
 
     def __init__(self, *, model: str, max_tokens: int, gamma: float | None, prompt_suffix: str, device: str,
-                 dtype: str | None, mode: str = "both", engine: str = "vllm", in_process: bool | None = None) -> None:
+                 dtype: str | None, mode: str | None = None, engine: str = "vllm", in_process: bool | None = None) -> None:
         if engine == "vllm":
             from pipelines.serve.engine import OfflineVllm
 

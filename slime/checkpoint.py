@@ -3,7 +3,7 @@
     <dir>/slime_config.yaml     ModelConfig (paths cleared: the weights live here)
     <dir>/llm_config.json       HF config of the language model (rebuilds the exact architecture)
     <dir>/vision_config.json    HF config of the vision encoder
-    <dir>/model.safetensors     every parameter of SlimeModel (fixed sin-cos tables are recomputed)
+    <dir>/model.safetensors     every parameter and saved buffer of SlimeModel (the resamplers' sin-cos tables too)
     <dir>/tokenizer/            the tokenizer, saved with the model (nothing is downloaded)
     <dir>/metadata.json         format version, parameter counts, training provenance
 
@@ -27,7 +27,7 @@ from transformers import AutoTokenizer
 from slime.config import ModelConfig, from_dict, replace, to_dict
 from slime.storage import local_copy
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the resamplers' position tables are saved
 
 
 def save_pretrained(model, tokenizer, out_dir: str | Path, metadata: dict | None = None) -> Path:
@@ -89,6 +89,8 @@ def load_pretrained(path: str, device: str | torch.device = "cpu", dtype: str | 
     model = build_model(cfg, tokenizer, llm_hf_config=llm_conf, vision_hf_config=vision_conf)
     state = load_file(str(local / "model.safetensors"))
     missing, unexpected = model.load_state_dict(state, strict=False)
+    # Format 1 directories predate saved position tables: theirs are rebuilt (upstream's formula).
+    missing = [k for k in missing if not k.endswith(".pos_embed")]
     if missing or unexpected:
         raise ValueError(f"{path}: checkpoint does not match the model (missing {missing[:5]}, unexpected {unexpected[:5]})")
     target = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]

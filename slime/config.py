@@ -19,6 +19,7 @@ ConnectorKind = Literal["mlp", "sti", "sci", "dci"]
 GlobalKind = Literal["mlp", "moa"]
 SelectionKind = Literal["topk", "nucleus"]
 ScoreKind = Literal["mean", "sum"]
+SelectorText = Literal["instruction", "prompt"]
 NoiseKind = Literal["relative", "absolute"]
 CompressorKind = Literal["local", "upstream"]
 TilingKind = Literal["area", "grid"]
@@ -93,6 +94,9 @@ class LocalConfig:
     gamma: float = 1.0  # kept fraction of local tokens
     selection: SelectionKind = "topk"
     score: ScoreKind = "mean"  # mean cosine over instruction tokens (paper) or their sum (upstream code)
+    # which text tokens the selector scores against: the user's question (default, no answer leakage) or
+    # the whole prompt but the image and the answers (upstream: system prompt, role markup and question)
+    text: SelectorText = "instruction"
     noise: NoiseKind = "relative"  # relative: noise_std * std of the scores; absolute: noise_std itself
     noise_std: float = 0.1
     temperature: float = 1.0
@@ -157,6 +161,9 @@ class ModelConfig:
     max_length: int = 2048
     overflow: OverflowPolicy = "drop"  # a too-long sample is dropped and counted; answers are never cut
     dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    # which visual tokens serving, evaluation and explain feed unless a request or config says otherwise
+    # (a converted Dense Connector release: "global", it has no trained local branch)
+    visual_mode: VisualMode = "both"
 
     def __post_init__(self) -> None:
         if self.max_length < 16:

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -38,16 +39,37 @@ def query_positions(num_queries: int, key_side: int) -> torch.Tensor:
     return (patch_positions(q_side) + 0.5) * scale - 0.5
 
 
-def sincos_2d(positions: torch.Tensor, dim: int) -> torch.Tensor:
-    """Fixed 2-D sin-cos table for arbitrary (y, x) coordinates -> [N, dim] (half y, half x)."""
+def sincos_table(side: int, dim: int) -> torch.Tensor:
+    """The released code's fixed 2-D sin-cos table for a side x side grid in raster order -> [side*side, dim]:
+    the first half encodes x (the column), the second y (the row), each as [sin | cos] over dim/4
+    frequencies, computed in float32 numpy and stored as float16 exactly as upstream's ``pos_embed``
+    (MODEL_SPEC A2/A3). Returned as float32 holding those float16 values."""
     if dim % 4:
         raise ValueError(f"sin-cos positions need a width divisible by 4, got {dim}")
-    omega = 1.0 / 10000 ** (torch.arange(dim // 4, dtype=torch.float32) / (dim / 4))
-    parts = []
-    for axis in (0, 1):
-        angles = positions[:, axis, None] * omega[None]  # [N, dim/4]
-        parts += [angles.sin(), angles.cos()]
-    return torch.cat(parts, dim=-1)
+    omega = np.arange(dim // 4, dtype=np.float32)
+    omega /= dim / 4.0
+    omega = 1.0 / 10000**omega  # [dim/4]
+    xs, ys = np.meshgrid(np.arange(side, dtype=np.float32), np.arange(side, dtype=np.float32))  # x first
+    halves = []
+    for coord in (xs, ys):
+        angles = np.einsum("m,d->md", coord.reshape(-1), omega)  # [side*side, dim/4]
+        halves += [np.sin(angles), np.cos(angles)]
+    return torch.from_numpy(np.concatenate(halves, axis=1)).to(torch.float16).float()
+
+
+def resize_table(table: torch.Tensor, side: int) -> torch.Tensor:
+    """A [g*g, C] grid table bicubically resized to side x side (align_corners=False), rounded back to the
+    table's storage precision as upstream's ``get_abs_pos`` does (float16 when held in float32)."""
+    g = math.isqrt(table.shape[0])
+    store = torch.float16 if table.dtype == torch.float32 else table.dtype
+    grid = table.float().reshape(1, g, g, -1).permute(0, 3, 1, 2)  # [1, C, g, g]
+    out = F.interpolate(grid, size=(side, side), mode="bicubic", align_corners=False)
+    return out.permute(0, 2, 3, 1).reshape(side * side, -1).to(store).to(table.dtype)
+
+
+def pool_tokens(x: torch.Tensor, k: int) -> torch.Tensor:
+    """STI's 1-D average pooling over the raster sequence (not 2-D): [M, P, C] -> [M, floor(P/k), C]."""
+    return F.avg_pool1d(x.transpose(1, 2), kernel_size=k, stride=k).transpose(1, 2)
 
 
 class DenseConnector(nn.Module):
@@ -80,10 +102,13 @@ class DenseConnector(nn.Module):
     def num_tokens(self) -> int:
         return self.positions.shape[0]
 
+    @property
+    def pooled(self) -> tuple[int, int]:
+        """(pooled copies appended after the base tokens, pooling kernel): STI's extra token groups."""
+        return (len(self.cfg.extra_layers) if self.cfg.kind == "sti" else 0), self.cfg.sti_pool
+
     def _pool(self, x: torch.Tensor) -> torch.Tensor:
-        # 1-D pooling over the raster sequence (not 2-D): [M, P, C] -> [M, floor(P/k), C]
-        k = self.cfg.sti_pool
-        return F.avg_pool1d(x.transpose(1, 2), kernel_size=k, stride=k).transpose(1, 2)
+        return pool_tokens(x, self.cfg.sti_pool)
 
     def forward(self, states: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """L+1 hidden states [M, P, Dv] -> fused features [M, P', Din]."""
@@ -127,29 +152,38 @@ def locality_bias(query_pos: torch.Tensor, key_pos: torch.Tensor, sigma: float) 
 class Resampler(nn.Module):
     """Q learned queries cross-attend once to the tokens of each tile: [M, N, Din] -> [M, Q, Din].
 
+    Positions follow the released code number for number: ``pos_embed`` is upstream's fixed sin-cos
+    table over a g x g grid (g = sqrt(Q), or the key grid when ``queries_on_keys``); the queries add it
+    directly and the keys add it bicubically resized to the key grid (12x12 -> 24x24 for the compressor).
+    It is a saved buffer, so a released checkpoint's own table is what runs. STI's pooled key tokens
+    (``pooled`` = (copies, kernel)) get the mean of the entries of the patches they average.
+    ``queries_on_keys``: one query per key token, sharing its table entry (the global attention expert).
+
     ``locality`` (in query cells, None = off) adds a fixed Gaussian prior to the attention logits so
     each query starts on the keys of its own cell of the query grid (see slime/local.py for why the
     local compressor needs it); content logits still add to it, and it is a buffer, not a weight."""
 
-    def __init__(self, num_queries: int, dim: int, num_heads: int, key_positions: torch.Tensor,
-                 query_pos: torch.Tensor | None = None, locality: float | None = None) -> None:
+    def __init__(self, num_queries: int, dim: int, num_heads: int, key_positions: torch.Tensor, *,
+                 queries_on_keys: bool = False, pooled: tuple[int, int] = (0, 1),
+                 locality: float | None = None) -> None:
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"resampler width {dim} is not divisible by num_heads {num_heads}")
-        key_side = int(key_positions[:, 1].max().item()) + 1
-        qpos = query_positions(num_queries, key_side) if query_pos is None else query_pos
+        self.key_side = int(key_positions[:, 1].max().item()) + 1
+        self.queries_on_keys, self.pooled = queries_on_keys, pooled
+        if not queries_on_keys and math.isqrt(num_queries) ** 2 != num_queries:
+            raise ValueError(f"resampler queries {num_queries} do not form a square grid")
+        grid = self.key_side if queries_on_keys else math.isqrt(num_queries)
         self.query = nn.Parameter(torch.empty(num_queries, dim))
         self.attn = nn.MultiheadAttention(dim, num_heads, batch_first=True)
         self.ln_q = nn.LayerNorm(dim, eps=1e-6)
         self.ln_kv = nn.LayerNorm(dim, eps=1e-6)
         self.ln_post = nn.LayerNorm(dim, eps=1e-6)
-        # Fixed tables, recomputed from geometry (never trained, never saved).
-        self.register_buffer("query_pos", sincos_2d(qpos, dim), persistent=False)
-        self.register_buffer("key_pos", sincos_2d(key_positions, dim), persistent=False)
+        self.register_buffer("pos_embed", sincos_table(grid, dim))  # [g*g, Din], never trained
         bias = None
         if locality is not None:
-            cell = key_side / math.isqrt(num_queries)  # query cell side in key patches
-            bias = locality_bias(qpos, key_positions.float(), locality * cell)
+            cell = self.key_side / math.isqrt(num_queries)  # query cell side in key patches
+            bias = locality_bias(query_positions(num_queries, self.key_side), key_positions.float(), locality * cell)
         self.register_buffer("attn_bias", bias, persistent=False)  # [Q, N] or None
         self.reset_parameters()
 
@@ -159,11 +193,20 @@ class Resampler(nn.Module):
         for ln in (self.ln_q, self.ln_kv, self.ln_post):
             ln.reset_parameters()
 
+    def tables(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(query table [Q, Din], key table [N, Din])."""
+        table = self.pos_embed
+        patches = table if math.isqrt(table.shape[0]) == self.key_side else resize_table(table, self.key_side)
+        copies, kernel = self.pooled
+        keys = torch.cat([patches] + [pool_tokens(patches[None], kernel)[0]] * copies) if copies else patches
+        return (keys if self.queries_on_keys else table), keys
+
     def _attend(self, x: torch.Tensor, need_weights: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+        query_pos, key_pos = self.tables()
         kv = self.ln_kv(x)  # [M, N, Din]
-        q = (self.ln_q(self.query) + self.query_pos.to(x.dtype)).unsqueeze(0).expand(x.shape[0], -1, -1)
+        q = (self.ln_q(self.query) + query_pos.to(x.dtype)).unsqueeze(0).expand(x.shape[0], -1, -1)
         bias = None if self.attn_bias is None else self.attn_bias.to(x.dtype)
-        return self.attn(q, kv + self.key_pos.to(x.dtype), kv, attn_mask=bias, need_weights=need_weights)
+        return self.attn(q, kv + key_pos.to(x.dtype), kv, attn_mask=bias, need_weights=need_weights)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.ln_post(self._attend(x, need_weights=False)[0])  # [M, Q, Din]
@@ -199,7 +242,9 @@ class MixtureOfAdapters(nn.Module):
         if self.training and self.gate_noise:
             scale = F.softplus(self.noise(x).float()) + 0.01
             logits = logits + torch.randn_like(logits) * scale
-        return logits.softmax(dim=-1).to(x.dtype)
+        probs = logits.softmax(dim=-1)
+        # Upstream keeps the top k = 2 of 2 experts and renormalises with a 1e-6 guard: kept for parity.
+        return (probs / (probs.sum(dim=-1, keepdim=True) + 1e-6)).to(x.dtype)
 
     def forward(self, x: torch.Tensor, projector: nn.Module, forced_expert: int | None = None) -> torch.Tensor:
         """[B, G, Din] -> [B, G, D]."""

@@ -1,7 +1,8 @@
 """The language model: any HF causal LM, loaded from a path (local or s3://) or built from config.
 
-Tested with Llama and Qwen2 architectures. The embedding matrix grows to the tokenizer's size when the
-tokenizer gained tokens (e.g. ``<image>`` added to a Vicuna tokenizer).
+Tested with Llama and Qwen2 architectures. The embedding matrix grows only when the tokenizer holds more
+text tokens than it has rows; an ``<image>`` added after the vocabulary never gets a row (the released
+models keep exactly their LLM's vocabulary, as upstream's id -200 placeholder does).
 """
 
 from __future__ import annotations

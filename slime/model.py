@@ -114,9 +114,11 @@ class SlimeModel(nn.Module):
                        gamma=None, forced_expert=None):
         """-> (inputs_embeds [B, T, D], attention_mask [B, T], position_ids [B, T], stats dict)."""
         embed = self.llm.get_input_embeddings()
-        embeds = embed(input_ids)  # [B, T, D]
         batch = input_ids.shape[0]
         placeholders = input_ids == self.image_token_id
+        # <image> may lie outside the LLM's rows (a released LLM keeps its vocabulary; upstream's
+        # placeholder is id -200): its positions are overwritten below, so they embed as id 0.
+        embeds = embed(input_ids.masked_fill(placeholders, 0))  # [B, T, D]
         counts = placeholders.sum(1)
         attention_mask = attention_mask.clone()
         stats = {"num_visual_tokens": counts, "kept": 0, "local": 0}
@@ -199,11 +201,11 @@ def build_visual_parts(cfg: ModelConfig, llm_width: int, vision_hf_config: dict 
     if cfg.global_branch.kind == "moa":
         # One query per global token, placed where that token sits: the gate mixes like with like.
         resampler = Resampler(connector.num_tokens, din, cfg.global_branch.num_heads, connector.positions,
-                              query_pos=connector.positions)
+                              queries_on_keys=True, pooled=connector.pooled)
         global_adapter = MixtureOfAdapters(resampler, din, cfg.global_branch.gate_noise)
     locality = LOCALITY if cfg.local.compressor == "local" else None
     compressor = QueryCompressor(Resampler(cfg.local.num_queries, din, cfg.local.num_heads, connector.positions,
-                                           locality=locality))
+                                           pooled=connector.pooled, locality=locality))
     return dict(vision=vision, connector=connector, projector=projector, global_adapter=global_adapter,
                 compressor=compressor, selector=TextGuidedSelector(cfg.local))
 
@@ -219,7 +221,9 @@ def build_model(cfg: ModelConfig, tokenizer, *, llm_hf_config: dict | None = Non
         raise ValueError("the tokenizer has no <image> token; add it with slime.tokenizer.ensure_image_token")
     separator_id = tokenizer(cfg.separator, add_special_tokens=False)["input_ids"][-1]
     vision = build_vision_tower(cfg.vision, vision_hf_config)  # before the LLM: seeded inits keep their order
-    llm = build_llm(cfg.llm, len(tokenizer), llm_hf_config)
+    # The LLM needs rows for every token but an <image> appended after its vocabulary (see prepare_inputs).
+    rows = len(tokenizer) - 1 if image_token_id == len(tokenizer) - 1 else len(tokenizer)
+    llm = build_llm(cfg.llm, rows, llm_hf_config)
     width = llm.get_input_embeddings().weight.shape[1]
     parts = build_visual_parts(cfg, width, vision=vision)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[cfg.dtype]

@@ -59,8 +59,10 @@ class ChatEncoder:
     Every engine (this HF Predictor, the vLLM engine in ``pipelines.serve.engine``) encodes through it, so
     they cannot disagree on what a request means."""
 
-    def __init__(self, cfg, tokenizer, *, limits: PredictorLimits | None = None, mode: VisualMode = "both") -> None:
-        self.cfg, self.tokenizer, self.mode = cfg, tokenizer, mode
+    def __init__(self, cfg, tokenizer, *, limits: PredictorLimits | None = None,
+                 mode: VisualMode | None = None) -> None:
+        # the model's own visual mode unless the caller says otherwise (a converted DC release: "global")
+        self.cfg, self.tokenizer, self.mode = cfg, tokenizer, mode or cfg.visual_mode
         self.limits = limits or PredictorLimits()
         self.processor = SlimeProcessor(cfg, tokenizer)
         self.stops = tuple(stop_strings(cfg.template))
@@ -129,9 +131,9 @@ class ChatEncoder:
 
 class Predictor:
     def __init__(self, model, tokenizer, *, model_id: str = "slime", limits: PredictorLimits | None = None,
-                 mode: VisualMode = "both") -> None:
+                 mode: VisualMode | None = None) -> None:
         self.model = model.eval()
-        self.mode = mode  # which visual tokens are fed: a global-only model is served with "global"
+        self.mode = mode or model.cfg.visual_mode  # which visual tokens are fed (default: the model's own)
         self.tokenizer = tokenizer
         self.cfg = model.cfg
         self.model_id = model_id
@@ -143,7 +145,7 @@ class Predictor:
 
     @classmethod
     def load(cls, path: str, device: str = "cpu", dtype: str | None = None, model_id: str | None = None,
-             limits: PredictorLimits | None = None, mode: VisualMode = "both") -> Predictor:
+             limits: PredictorLimits | None = None, mode: VisualMode | None = None) -> Predictor:
         from slime.checkpoint import load_pretrained
 
         model, tokenizer = load_pretrained(path, device=device, dtype=dtype)

@@ -5,7 +5,8 @@ instruction masks are exact, expands the single ``<image>`` into ``count_visual_
 of its id (the same count the model checks before scattering), and tiles + normalises the pixels.
 
 Shapes: T max_length · M max tiles (1 global + crops, zero-padded) · S tile side.
-    input_ids int64 [T] · attention_mask int64 [T] · labels int64 [T] · instruction_mask bool [T]
+    input_ids int64 [T] · attention_mask int64 [T] · labels int64 [T] · instruction_mask bool [T] (the
+    text the selector scores against: the question, or the whole prompt with ``local.text='prompt'``)
     pixel_values float32 [M, 3, S, S] · tile_mask bool [M] · grid int64 [2] (cols, rows)
     image_size int64 [2] (w, h) · has_image bool [] · num_visual_tokens int64 []
 """
@@ -104,7 +105,9 @@ class SlimeProcessor:
     # ------------------------------------------------------------------ text
 
     def _tokenize(self, segments: list[Segment], num_visual: int) -> tuple[list[int], list[int], list[bool]]:
-        ids, labels, instr = list(self.bos_ids), [IGNORE_INDEX] * len(self.bos_ids), [False] * len(self.bos_ids)
+        whole_prompt = self.cfg.local.text == "prompt"  # what the selector scores against (LocalConfig.text)
+        ids, labels = list(self.bos_ids), [IGNORE_INDEX] * len(self.bos_ids)
+        instr = [whole_prompt] * len(self.bos_ids)
         texts = [s for s in segments if s.text != IMAGE]
         encoded = {}
         # User/assistant content is tokenized with special tokens split: a "</s>" typed by a user is
@@ -120,7 +123,8 @@ class SlimeProcessor:
             supervised = seg.supervised and seg.text != IMAGE
             ids += toks
             labels += toks if supervised else [IGNORE_INDEX] * len(toks)
-            instr += [seg.instruction] * len(toks)
+            scored = (not supervised and seg.text != IMAGE) if whole_prompt else seg.instruction
+            instr += [scored] * len(toks)
         return ids, labels, instr
 
     def encode(self, conversations: list[dict], image_size: tuple[int, int] | None, mode: VisualMode = "both",

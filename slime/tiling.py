@@ -130,8 +130,11 @@ def _global_view(img: Image.Image, side: int, kind: str, pad_color: tuple[int, i
 
 
 def tile_image(img: Image.Image, cfg: ModelConfig,
-               pad_color: tuple[int, int, int] = (122, 116, 104)) -> tuple[np.ndarray, tuple[int, int]]:
-    """Image -> uint8 tiles [1+n, S, S, 3] (index 0 = global view, then crops in row-major order)."""
+               pad_color: tuple[int, int, int] | None = None) -> tuple[np.ndarray, tuple[int, int]]:
+    """Image -> uint8 tiles [1+n, S, S, 3] (index 0 = global view, then crops in row-major order).
+    A padded global view uses the tower's mean colour (upstream ``expand2square(image_mean * 255)``)."""
+    if pad_color is None:
+        pad_color = (127, 127, 127) if cfg.vision.kind == "siglip" else (122, 116, 104)
     side = cfg.vision.image_size
     img = img.convert("RGB")
     cols, rows = select_grid(img.width, img.height, side, cfg.tiling)

@@ -68,7 +68,8 @@ def build_tiny_tokenizer(vocab_size: int = 1024) -> PreTrainedTokenizerFast:
 def ensure_image_token(tokenizer) -> int:
     """Add ``<image>`` as a special token if missing (real Vicuna/Llama-3 tokenizers) and return its id.
 
-    Adding it grows ``len(tokenizer)``: the LLM embedding must be resized to match before training.
+    Added after the vocabulary it has no LLM row and needs none: ``SlimeModel`` and the vLLM adapter
+    overwrite its positions before the LLM reads them, and logits never cover it (so it is never sampled).
     """
     if IMAGE_TOKEN not in tokenizer.get_vocab():
         # add_tokens(special_tokens=True) exists under one name across transformers 4.x/5.x (the

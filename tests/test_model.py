@@ -189,7 +189,7 @@ def fixed_init(model: torch.nn.Module) -> None:
             p.copy_(vals.reshape(p.shape).to(p.dtype))
 
 
-GOLDEN_LOSS = 7.487863540649414  # computed once under fixed_init (torch 2.13, transformers 5.23, CPU)
+GOLDEN_LOSS = 7.4868597984313965  # under fixed_init (torch 2.13, CPU); re-made when positions became upstream's tables
 
 
 def test_golden_loss_under_fixed_init(tok):

@@ -140,10 +140,23 @@ def make_resampler(num_queries: int, dim: int = DV) -> Resampler:
 def test_resampler_shapes_and_fixed_tables():
     r = make_resampler(4)
     assert r(torch.randn(M, P, DV)).shape == (M, 4, DV)
-    assert r.query.shape == (4, DV) and r.query_pos.shape == (4, DV) and r.key_pos.shape == (P, DV)
-    assert "query_pos" not in r.state_dict() and "key_pos" not in r.state_dict()  # recomputed, never saved
+    query_pos, key_pos = r.tables()
+    assert r.query.shape == (4, DV) and query_pos.shape == (4, DV) and key_pos.shape == (P, DV)
+    # upstream's table is a saved, never-trained tensor: it travels with the checkpoint
+    assert "pos_embed" in r.state_dict() and not any(n == "pos_embed" for n, _ in r.named_parameters())
+    assert torch.equal(r.pos_embed.half().float(), r.pos_embed)  # float16 values, as upstream stores them
     with pytest.raises(ValueError, match="divisible"):
-        Resampler(4, 30, 4, r.key_pos.new_zeros(P, 2))
+        Resampler(4, 30, 4, key_pos.new_zeros(P, 2))
+
+
+def test_sincos_table_puts_x_first_and_keys_interpolate_the_query_grid():
+    from slime.connectors import resize_table, sincos_table
+
+    t = sincos_table(3, 8)  # [9, 8]: x sin/cos (2+2), then y sin/cos (2+2)
+    assert torch.equal(t[1, :4], t[4, :4]) and torch.equal(t[1, 4:], t[0, 4:])  # (x=1,y=0) vs (x=1,y=1)
+    assert torch.equal(resize_table(t, 3), t)  # same grid: the table itself
+    big = resize_table(t, 6)  # key (2i, 2j) and (2i+1, 2j+1) straddle query cell (i, j)
+    assert big.shape == (36, 8) and torch.equal(big.half().float(), big)
 
 
 @pytest.fixture()
@@ -157,10 +170,11 @@ def test_moa_gate_starts_at_half(moa):
     adapter.eval()
     x = torch.randn(2, P, DV)
     g = adapter.gates(x)
-    assert g.shape == (2, P, 2) and torch.equal(g, torch.full_like(g, 0.5))
+    assert g.shape == (2, P, 2)
+    torch.testing.assert_close(g, torch.full_like(g, 0.5 / (1 + 1e-6)), rtol=0, atol=1e-7)  # upstream's 1e-6 guard
     out = adapter(x, proj)
     assert out.shape == (2, P, D)
-    torch.testing.assert_close(out, 0.5 * proj(x) + 0.5 * proj(adapter.resampler(x)))
+    torch.testing.assert_close(out, (0.5 * proj(x) + 0.5 * proj(adapter.resampler(x))) / (1 + 1e-6))
 
 
 def test_moa_forced_experts(moa):
@@ -180,11 +194,11 @@ def test_moa_noise_only_in_training(moa):
     adapter.train()
     g1, g2 = adapter.gates(x), adapter.gates(x)
     assert not torch.allclose(g1, torch.full_like(g1, 0.5)) and not torch.equal(g1, g2)
-    torch.testing.assert_close(g1.sum(-1), torch.ones(2, P))
+    torch.testing.assert_close(g1.sum(-1), torch.ones(2, P))  # 1 - 1e-6
     adapter.eval()
     assert torch.equal(adapter.gates(x), adapter.gates(x))
     quiet = MixtureOfAdapters(make_resampler(P), DV, gate_noise=False).train()
-    assert torch.equal(quiet.gates(x), torch.full((2, P, 2), 0.5))
+    torch.testing.assert_close(quiet.gates(x), torch.full((2, P, 2), 0.5 / (1 + 1e-6)), rtol=0, atol=1e-7)
 
 
 def test_moa_gate_gets_gradient(moa):

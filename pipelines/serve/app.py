@@ -81,6 +81,8 @@ class ServeArgs:
     max_n: int = 8  # choices per request (vllm)
     device: str = "cpu"
     dtype: str | None = None  # default: the checkpoint's dtype
+    # visual tokens fed: global / local / both; default the model's own (a converted DC release: global)
+    mode: Literal["global", "local", "both"] | None = None
     num_cpus: float = 0.5
     num_gpus: float = 0.0
     autoscaling: AutoscalingArgs = field(default_factory=AutoscalingArgs)
@@ -166,7 +168,8 @@ class SlimeServer:
         a = self.args
         limits = PredictorLimits(max_images=a.max_images_per_request, max_image_pixels=a.max_image_pixels,
                                  max_prompt_tokens=a.max_prompt_tokens, max_new_tokens=a.max_tokens)
-        self.predictor = Predictor.load(a.model, device=a.device, dtype=a.dtype, model_id=a.model_id, limits=limits)
+        self.predictor = Predictor.load(a.model, device=a.device, dtype=a.dtype, model_id=a.model_id, limits=limits,
+                                        mode=a.mode)
         self.model_id = self.predictor.model_id
         self.fingerprint = "fp_" + hashlib.sha256(a.model.encode()).hexdigest()[:12]
         # Model calls run in threads so the event loop stays free for health checks, batching and

@@ -30,7 +30,7 @@ os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB per engine; vLLM's C
 os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
 
 
-def model_dir(uri: str, visual_mode: VisualMode = "both", cache_root: str | None = None) -> Path:
+def model_dir(uri: str, visual_mode: VisualMode | None = None, cache_root: str | None = None) -> Path:
     """A local directory vLLM can open for the checkpoint at ``uri``: ``config.json`` (a
     ``SlimeVllmConfig``) next to a link to the checkpoint's ``model.safetensors``. The checkpoint itself
     is never written to; the view lives under ``cache_root`` keyed by checkpoint path and mode.
@@ -51,7 +51,7 @@ def model_dir(uri: str, visual_mode: VisualMode = "both", cache_root: str | None
     config = {"model_type": "slime", "architectures": [ARCHITECTURE], "slime": to_dict(cfg), "text_config": text,
               "vision_config": json.loads((local / "vision_config.json").read_text()),
               "image_token_id": meta["image_token_id"], "separator_id": meta["separator_id"],
-              "visual_mode": visual_mode, "dtype": cfg.dtype}
+              "visual_mode": visual_mode or cfg.visual_mode, "dtype": cfg.dtype}
     body = json.dumps(config, sort_keys=True, default=str)
     stamp = (local / "model.safetensors").stat().st_mtime_ns
     key = hashlib.sha256(f"{local}|{stamp}|{body}".encode()).hexdigest()[:16]
@@ -113,7 +113,7 @@ def resolve_engine(engine: str, uri: str) -> str:
     return "vllm"
 
 
-def engine_kwargs(uri: str, *, visual_mode: VisualMode = "both", enforce_eager: bool = True,
+def engine_kwargs(uri: str, *, visual_mode: VisualMode | None = None, enforce_eager: bool = True,
                   max_num_seqs: int = 16, prefix_caching: bool = True, **overrides) -> dict:
     """EngineArgs for ``uri``. ``enforce_eager`` (default) skips torch.compile: starts take about half
     as long on CPU, and tiny models gain nothing from compilation."""
@@ -144,7 +144,7 @@ def engine_kwargs(uri: str, *, visual_mode: VisualMode = "both", enforce_eager: 
 class VllmChat:
     """Request side of the engine: encode with the Predictor's ``ChatEncoder``, decode vLLM outputs."""
 
-    def __init__(self, uri: str, *, limits: PredictorLimits | None = None, mode: VisualMode = "both") -> None:
+    def __init__(self, uri: str, *, limits: PredictorLimits | None = None, mode: VisualMode | None = None) -> None:
         from transformers import AutoTokenizer
 
         local = Path(local_copy(str(uri))).resolve()
@@ -223,7 +223,7 @@ class OfflineVllm:
     request, ``generate`` answers many): Ray Data batch inference and evaluation run on the engine the
     endpoint serves."""
 
-    def __init__(self, uri: str, *, limits: PredictorLimits | None = None, mode: VisualMode = "both",
+    def __init__(self, uri: str, *, limits: PredictorLimits | None = None, mode: VisualMode | None = None,
                  in_process: bool = False, **engine_overrides) -> None:
         self.chat = VllmChat(uri, limits=limits, mode=mode)
         self.cfg, self.processor = self.chat.cfg, self.chat.encoder.processor

@@ -80,7 +80,7 @@ class VllmServer:
         self.limits = a.limits()
         limits = PredictorLimits(max_images=a.max_images_per_request, max_image_pixels=a.max_image_pixels,
                                  max_prompt_tokens=a.max_prompt_tokens, max_new_tokens=a.max_tokens)
-        self.chat = VllmChat(a.model, limits=limits)
+        self.chat = VllmChat(a.model, limits=limits, mode=a.mode)
         self.model_id = a.model_id or a.model.rstrip("/").rsplit("/", 1)[-1]
         self.fingerprint = "fp_" + hashlib.sha256(a.model.encode()).hexdigest()[:12]
         self.m_requests = Counter("slime_requests", "chat requests by HTTP status", tag_keys=("status",))
@@ -88,7 +88,7 @@ class VllmServer:
                                    boundaries=[0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60])
         self.m_visual = Counter("slime_visual_tokens", "visual tokens processed")
         start = time.perf_counter()
-        self.engine = async_engine(a.model, enforce_eager=a.enforce_eager, max_num_seqs=a.max_num_seqs,
+        self.engine = async_engine(a.model, visual_mode=a.mode, enforce_eager=a.enforce_eager, max_num_seqs=a.max_num_seqs,
                                    tensor_parallel_size=a.tensor_parallel_size)
         # Warm-up: /healthz turns 200 only after one real generation (lazy init paid here).
         await self._final(ChatRequest(messages=[{"role": "user", "content": "hi"}], max_tokens=1), 1, None, None)

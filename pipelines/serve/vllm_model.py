@@ -95,9 +95,11 @@ class SlimeDummyInputsBuilder(BaseDummyInputsBuilder[SlimeProcessingInfo]):
 def derive_instruction_ids(prompt: list[int], cfg: ModelConfig, tokenizer, image_token_id: int) -> list[int]:
     """For prompts that arrive without ``instruction_ids``: the ids after ``<image>`` (and the newline
     the template puts after it) up to what the template writes after a question (end of turn and
-    generation header)."""
+    generation header); with ``local.text='prompt'`` every id but the image's."""
     if image_token_id not in prompt:
         return []
+    if cfg.local.text == "prompt":  # upstream scores against the whole prompt but the image
+        return [i for i in prompt if i != image_token_id]
     start = prompt.index(image_token_id) + 1
     while start < len(prompt) and prompt[start] == image_token_id:
         start += 1
