@@ -27,7 +27,8 @@ from slime.config import ConnectorConfig, VisionConfig
 
 def patch_positions(side: int) -> torch.Tensor:
     """(y, x) of every patch of a side x side grid in raster order -> [side*side, 2]."""
-    ys, xs = torch.meshgrid(torch.arange(side, dtype=torch.float32), torch.arange(side, dtype=torch.float32),
+    ys, xs = torch.meshgrid(torch.arange(side, dtype=torch.float32, device="cpu"),
+                            torch.arange(side, dtype=torch.float32, device="cpu"),
                             indexing="ij")
     return torch.stack([ys.flatten(), xs.flatten()], dim=-1)
 

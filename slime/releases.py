@@ -143,7 +143,9 @@ def _tower(conf: dict, root: Path, vision_path: str | None) -> tuple[dict, str |
     """(tower architecture as VisionConfig fields, a tower dir to read weights from or None, the tower's HF
     config as the release's weights need it or None)."""
     name = str(conf.get("mm_vision_tower") or conf.get("vision_tower") or "")
-    candidates = [Path(vision_path)] if vision_path else ([Path(name), root / name, root.parent / name] if name else [])
+    # A relative name is the training run's working-directory path: try the release dir and its parents.
+    here = [root, *list(root.resolve().parents)[:3]]
+    candidates = [Path(vision_path)] if vision_path else ([Path(name)] + [d / name for d in here] if name else [])
     for cand in candidates:
         if (cand / "config.json").exists():
             hf = _load_json(cand / "config.json")

@@ -180,7 +180,9 @@ def check_ddp_four_phases(summary: dict, run_dir: Path, export: Path) -> None:
     for index, phase in enumerate(phases):
         after = checkpoint_weights(run_dir, index)
         prefixes = tuple(p.rstrip(".") + "." for p in phase.trainable)
-        trainable = {k for k in after if k.startswith(prefixes) and not k.startswith("vision.")}
+        # saved buffers (the resamplers' fixed sin-cos tables) never train: they count as frozen
+        trainable = {k for k in after if k.startswith(prefixes) and not k.startswith("vision.")
+                     and not k.endswith(".pos_embed")}
         assert trainable, phase.name
         frozen_changed = [k for k in after if k not in trainable and not torch.equal(before[k], after[k])]
         assert not frozen_changed, f"{phase.name}: frozen tensors changed: {frozen_changed[:5]}"
