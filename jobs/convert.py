@@ -23,8 +23,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kind", default=None, choices=["slime", "dense_connector"], help="checked against config.json")
     ap.add_argument("--connector", default=None, choices=["mlp", "sti", "sci", "dci"],
                     help="Dense Connector type, for a config.json without mm_dense_connector_type")
-    ap.add_argument("--template", default=None, choices=["vicuna_v1", "llama3", "chatml", "plain"],
-                    help="chat template (default: llama3 for a Llama-3 tokenizer, else vicuna_v1)")
+    ap.add_argument("--dtype", default=None, choices=["float32", "bfloat16", "float16"],
+                    help="precision of the written model (default: the release's torch_dtype; a merged LoRA is exact "
+                         "only in float32)")
+    ap.add_argument("--template", default=None, choices=["vicuna_v1", "llama3", "llama3_dc", "chatml", "plain"],
+                    help="chat template (default: the release's: llama3 / llama3_dc for a Llama-3 tokenizer, else vicuna_v1)")
     args = ap.parse_args(argv)
     try:
         report = convert(args)
@@ -66,13 +69,17 @@ def convert(args) -> dict:
         raise ValueError(f"the converted LLM has {own_rows} rows but the release's tokenizer has {rows} tokens")
     # Modules the release has no weights for (a DC release's compressor) are never run in its visual mode.
     unused = [k for k in loaded["kept_init"] if not k.startswith("vision.") and not _used(k, rel.cfg)]
-    at_init = [k for k in loaded["kept_init"] if not k.startswith("vision.") and _used(k, rel.cfg)]
+    # A release without position tables (upstream's LoRA saves none) runs upstream's formula, which ours is.
+    at_init = [k for k in loaded["kept_init"] if not k.startswith("vision.") and not k.endswith(".pos_embed")
+               and _used(k, rel.cfg)]
     if rel.cfg.vision.path is None and any(k.startswith("vision.") for k in loaded["kept_init"]):
         at_init += [k for k in loaded["kept_init"] if k.startswith("vision.")]
     if at_init:
         raise ValueError(f"the release provides no weights for {len(at_init)} tensors the model runs "
                          f"(first: {at_init[0]})")
-    model = model.to(getattr(torch, rel.cfg.dtype))  # the release's own precision
+    dtype = args.dtype or rel.cfg.dtype  # the release's own precision unless asked otherwise
+    model = model.to(getattr(torch, dtype))
+    model.cfg = replace(model.cfg, dtype=dtype)
     meta = {"imported_from": args.upstream, "kind": rel.kind, "layout": rel.layout, "base": args.base,
             "visual_mode": rel.cfg.visual_mode, "gamma": rel.cfg.local.gamma,
             "selector": {"selection": rel.cfg.local.selection, "score": rel.cfg.local.score,

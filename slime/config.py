@@ -25,7 +25,7 @@ CompressorKind = Literal["local", "upstream"]
 TilingKind = Literal["area", "grid"]
 GlobalViewKind = Literal["resize", "pad"]
 VisualMode = Literal["global", "local", "both"]
-TemplateName = Literal["plain", "vicuna_v1", "llama3", "chatml"]
+TemplateName = Literal["plain", "vicuna_v1", "llama3", "llama3_dc", "chatml"]
 OverflowPolicy = Literal["drop", "truncate_prompt"]
 
 

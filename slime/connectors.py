@@ -156,7 +156,9 @@ class Resampler(nn.Module):
     Positions follow the released code number for number: ``pos_embed`` is upstream's fixed sin-cos
     table over a g x g grid (g = sqrt(Q), or the key grid when ``queries_on_keys``); the queries add it
     directly and the keys add it bicubically resized to the key grid (12x12 -> 24x24 for the compressor).
-    It is a saved buffer, so a released checkpoint's own table is what runs. STI's pooled key tokens
+    It is a saved buffer, so a released checkpoint's own table is what runs. Upstream keeps it a float16
+    parameter whatever the model's dtype (a bf16 model still adds float16 positions), so it is stored as
+    float16 bits in an int16 buffer: ``.to(dtype)`` never casts an integer tensor, the device moves it. STI's pooled key tokens
     (``pooled`` = (copies, kernel)) get the mean of the entries of the patches they average.
     ``queries_on_keys``: one query per key token, sharing its table entry (the global attention expert).
 
@@ -180,7 +182,7 @@ class Resampler(nn.Module):
         self.ln_q = nn.LayerNorm(dim, eps=1e-6)
         self.ln_kv = nn.LayerNorm(dim, eps=1e-6)
         self.ln_post = nn.LayerNorm(dim, eps=1e-6)
-        self.register_buffer("pos_embed", sincos_table(grid, dim))  # [g*g, Din], never trained
+        self.register_buffer("pos_embed", sincos_table(grid, dim).half().view(torch.int16))  # [g*g, Din] fp16 bits
         bias = None
         if locality is not None:
             cell = self.key_side / math.isqrt(num_queries)  # query cell side in key patches
@@ -196,10 +198,11 @@ class Resampler(nn.Module):
 
     def tables(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(query table [Q, Din], key table [N, Din])."""
-        table = self.pos_embed
+        table = self.pos_embed.view(torch.float16)
         patches = table if math.isqrt(table.shape[0]) == self.key_side else resize_table(table, self.key_side)
         copies, kernel = self.pooled
-        keys = torch.cat([patches] + [pool_tokens(patches[None], kernel)[0]] * copies) if copies else patches
+        pooled = pool_tokens(patches.float()[None], kernel)[0].to(patches.dtype) if copies else None
+        keys = torch.cat([patches] + [pooled] * copies) if copies else patches
         return (keys if self.queries_on_keys else table), keys
 
     def _attend(self, x: torch.Tensor, need_weights: bool) -> tuple[torch.Tensor, torch.Tensor | None]:

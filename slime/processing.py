@@ -73,7 +73,8 @@ class SlimeProcessor:
         self.pad_token_id = pad
         # vicuna_v1/plain: the tokenizer's BOS is prepended (upstream tokenizer_image_token); llama3 writes
         # <|begin_of_text|> as text; chatml has none.
-        self.bos_ids = ([tokenizer.bos_token_id] if cfg.template in ("plain", "vicuna_v1")
+        # llama3_dc: Dense Connector's template writes <|begin_of_text|> and the tokenizer adds one more.
+        self.bos_ids = ([tokenizer.bos_token_id] if cfg.template in ("plain", "vicuna_v1", "llama3_dc")
                         and tokenizer.bos_token_id is not None else [])
         mean, std = _NORM[cfg.vision.kind]
         self.mean = np.asarray(mean, np.float32)
@@ -118,6 +119,9 @@ class SlimeProcessor:
                 out = self.tokenizer([s.text for s in group], add_special_tokens=False,
                                      split_special_tokens=literal)["input_ids"]
                 encoded.update({id(s): o for s, o in zip(group, out)})
+        for prev, seg in zip(segments, segments[1:]):
+            if seg.joined and prev.text != IMAGE:
+                encoded[id(seg)] = self._continuation(prev, seg, encoded[id(prev)], encoded[id(seg)])
         for seg in segments:
             toks = [self.image_token_id] * num_visual if seg.text == IMAGE else encoded[id(seg)]
             supervised = seg.supervised and seg.text != IMAGE
@@ -126,6 +130,14 @@ class SlimeProcessor:
             scored = (not supervised and seg.text != IMAGE) if whole_prompt else seg.instruction
             instr += [scored] * len(toks)
         return ids, labels, instr
+
+    def _continuation(self, prev: Segment, seg: Segment, prev_ids: list[int], own_ids: list[int]) -> list[int]:
+        """``seg``'s ids as upstream gets them, tokenizing it in one string with the text before it (a
+        SentencePiece tokenizer would otherwise add a word-start marker: "\nWhat" -> '<0x0A>', 'W', not
+        '<0x0A>', '▁W'). Falls back to ``seg`` alone when the joint ids do not start with ``prev``'s."""
+        joint = self.tokenizer(prev.text + seg.text, add_special_tokens=False,
+                               split_special_tokens=seg.literal)["input_ids"]
+        return joint[len(prev_ids):] if joint[:len(prev_ids)] == prev_ids else own_ids
 
     def encode(self, conversations: list[dict], image_size: tuple[int, int] | None, mode: VisualMode = "both",
                gamma: float | None = None, for_generation: bool = False) -> dict:

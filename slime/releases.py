@@ -122,8 +122,8 @@ def merge_lora(base: dict[str, torch.Tensor], root: Path) -> tuple[dict[str, tor
         target = re.sub(r"^base_model\.model\.", "", key.replace(".lora_A", "")).replace(".default", "")
         if target not in merged:
             raise ReleaseError(f"LoRA weight {key} targets {target}, which the base model does not have")
-        w = merged[target]
-        merged[target] = (w.float() + scale * (b.float() @ a.float())).to(w.dtype)
+        # kept in float32: a merged weight is no longer representable in the base's bf16
+        merged[target] = merged[target].float() + scale * (b.float() @ a.float())
         count += 1
     if not count:
         raise ReleaseError(f"{found} holds no lora_A / lora_B weights")
@@ -177,6 +177,9 @@ def _check(flag_name: str, flag, release_value, what: str):
 
 def release_kind(conf: dict) -> str:
     projector = conf.get("mm_projector_type")
+    if projector not in ("gated", "mlp2x_gelu", None):
+        raise ReleaseError(f"mm_projector_type {projector!r} is not supported (slime-ray loads 'gated' SliME and "
+                           f"'mlp2x_gelu' LLaVA-1.5 / Dense Connector releases)")
     if projector == "gated" or conf.get("mm_resampler_type") not in (None, "identity", "spatial"):
         return "slime"
     if projector in ("mlp2x_gelu", None):
@@ -227,7 +230,8 @@ def model_config(conf: dict, tower: dict, *, kind: str | None = None, connector:
     aspect = conf.get("image_aspect_ratio", "square")
     tiling = TilingConfig(global_view="pad" if aspect == "pad" else "resize")
     if template is None and tokenizer is not None:
-        template = "llama3" if "<|start_header_id|>" in tokenizer.get_vocab() else "vicuna_v1"
+        llama3 = "<|start_header_id|>" in tokenizer.get_vocab()
+        template = ("llama3" if kind == "slime" else "llama3_dc") if llama3 else "vicuna_v1"
     dtype = {"bfloat16": "bfloat16", "float16": "float16"}.get(str(conf.get("torch_dtype", "")), "float32")
     return ModelConfig(vision=vision, connector=conn, global_branch=glob, local=local, tiling=tiling,
                        llm=LLMConfig(kind="llama"), template=template or "vicuna_v1",
@@ -285,6 +289,9 @@ def read_release(path: str | Path, *, base: str | None = None, vision_path: str 
         if tower_dir is None:
             raise ReleaseError(f"the release holds no vision tower weights and {conf.get('mm_vision_tower')!r} is not "
                                f"a local directory; pass --vision-path")
+        if not any(Path(tower_dir).glob("*.safetensors")) and not any(Path(tower_dir).glob("*.bin")):
+            raise ReleaseError(f"the release holds no vision tower weights and {tower_dir} has none either; pass "
+                               f"--vision-path with the tower it was trained with")
         cfg = _with_tower_path(cfg, tower_dir)
         notes.append(f"vision tower weights from {tower_dir}")
     llm = llm_architecture(llm_source)

@@ -7,6 +7,8 @@ segment's flag repeated over its tokens, and no offset arithmetic over a joined 
     plain      <image>{caption}\n                                 (caption + "\n" supervised)
     vicuna_v1  {system} USER: <image>\n{q} ASSISTANT: {a}</s>USER: {q2} ASSISTANT: {a2}</s>
     llama3     <|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\n{q}<|eot_id|>...
+    llama3_dc  Dense Connector's released Llama-3 format (its conv_llama_3): a system turn, answers under a
+               ``system`` header, and the tokenizer's BOS before the template's own <|begin_of_text|>
     chatml     <|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n{a}<|im_end|>\n
 
 ``instruction`` marks only the user's own text (the selector's query, MODEL_SPEC C1); ``literal``
@@ -20,11 +22,15 @@ from dataclasses import dataclass
 from slime.errors import InputError
 
 IMAGE = "<image>"
-VICUNA_SYSTEM = ("A chat between a curious human and an artificial intelligence assistant. The assistant gives "
-                 "helpful, detailed, and polite answers to the human's questions.")
-TEMPLATES = ("plain", "vicuna_v1", "llama3", "chatml")
+# conv_vicuna_v1 of the official LLaVA-1.5 / SliME / Dense Connector code ("v1"): "user", not "human"
+VICUNA_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. The assistant gives "
+                 "helpful, detailed, and polite answers to the user's questions.")
+TEMPLATES = ("plain", "vicuna_v1", "llama3", "llama3_dc", "chatml")
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-_STOPS = {"plain": ["\n"], "vicuna_v1": ["</s>"], "llama3": ["<|eot_id|>"], "chatml": ["<|im_end|>"]}
+_STOPS = {"plain": ["\n"], "vicuna_v1": ["</s>"], "llama3": ["<|eot_id|>"], "llama3_dc": ["<|eot_id|>"],
+          "chatml": ["<|im_end|>"]}
+DC_LLAMA3_SYSTEM = ("You are a helpful language and vision assistant. You are able to understand the visual content "
+                    "that the user provides, and assist the user with a variety of tasks using natural language.")
 
 
 @dataclass(frozen=True)
@@ -33,6 +39,7 @@ class Segment:
     supervised: bool = False
     instruction: bool = False
     literal: bool = False
+    joined: bool = False  # tokenized as a continuation of the previous segment (upstream's one chunk)
 
 
 def normalize(messages: list[dict]) -> list[dict]:
@@ -97,7 +104,7 @@ def _user_content(text: str) -> list[Segment]:
         segs += [Segment(IMAGE), Segment("\n")]
         text = text[len(IMAGE) + 1:]
     if text:
-        segs.append(Segment(text, instruction=True, literal=True))
+        segs.append(Segment(text, instruction=True, literal=True, joined=True))
     return segs
 
 
@@ -132,14 +139,20 @@ def _vicuna(msgs: list[dict], for_generation: bool) -> list[Segment]:
 
 
 def _header(template: str, role: str) -> str:
-    if template == "llama3":
+    if template == "llama3_dc" and role == "assistant":
+        role = "system"  # sic: the released DC Llama-3 models answer under a system header (MODEL_SPEC C5)
+    if template in ("llama3", "llama3_dc"):
         return f"<|start_header_id|>{role}<|end_header_id|>\n\n"
     return f"<|im_start|>{role}\n"
 
 
 def _tagged(template: str, msgs: list[dict], for_generation: bool) -> list[Segment]:
-    end, tail = ("<|eot_id|>", "") if template == "llama3" else ("<|im_end|>", "\n")
-    segs = [Segment("<|begin_of_text|>")] if template == "llama3" else []
+    end, tail = ("<|im_end|>", "\n") if template == "chatml" else ("<|eot_id|>", "")
+    segs = [Segment("<|begin_of_text|>")] if template in ("llama3", "llama3_dc") else []
+    if template == "llama3_dc":
+        system = " ".join(m["content"] for m in msgs if m["role"] == "system") or DC_LLAMA3_SYSTEM
+        segs += [Segment(_header(template, "system")), Segment(system), Segment(end)]
+        msgs = [m for m in msgs if m["role"] != "system"]
     for m in msgs:
         segs.append(Segment(_header(template, m["role"])))
         if m["role"] == "assistant":

@@ -22,6 +22,7 @@ CLIP_STD = np.array([0.26862954, 0.26130258, 0.27577711], np.float32)
 CONV = [{"from": "human", "value": "<image>\nWhat colour is the star?"}, {"from": "gpt", "value": "Red."},
         {"from": "human", "value": "How many?"}, {"from": "gpt", "value": "2"}]
 ANSWERS = {"plain": ["Red.\n"], "vicuna_v1": [" Red.</s>", " 2</s>"], "llama3": ["Red.<|eot_id|>", "2<|eot_id|>"],
+           "llama3_dc": ["Red.<|eot_id|>", "2<|eot_id|>"],
            "chatml": ["Red.<|im_end|>", "2<|im_end|>"]}
 
 
@@ -74,7 +75,8 @@ def test_contract_and_exact_masks(tok, template):
     n = int(s["attention_mask"].sum())
     assert s["attention_mask"][:n].all() and not s["attention_mask"][n:].any()
     assert (ids[n:] == tok.pad_token_id).all() and (labels[n:] == IGNORE_INDEX).all()
-    first = {"plain": "<s>", "vicuna_v1": "<s>", "llama3": "<|begin_of_text|>", "chatml": "<|im_start|>"}[template]
+    first = {"plain": "<s>", "vicuna_v1": "<s>", "llama3": "<|begin_of_text|>", "llama3_dc": "<s>",
+             "chatml": "<|im_start|>"}[template]  # llama3_dc: the tokenizer's BOS, then the template's
     assert ids[0] == tok.convert_tokens_to_ids(first) and labels[0] == IGNORE_INDEX
     assert (ids[:n] == tok.bos_token_id).sum() == (template in ("plain", "vicuna_v1"))
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from slime.errors import InputError
-from slime.templates import (TEMPLATES, VICUNA_SYSTEM, render, render_generation_prompt, render_text,
+from slime.templates import (DC_LLAMA3_SYSTEM, TEMPLATES, VICUNA_SYSTEM, render, render_generation_prompt, render_text,
                              split_rounds, stop_strings)
 
 CONV = [{"from": "human", "value": "What colour is the star?\n<image>"}, {"from": "gpt", "value": "Red."},
@@ -19,13 +19,21 @@ EXPECTED = {
               "<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\nRed.<|eot_id|>"
               "<|start_header_id|>user<|end_header_id|>\n\nHow many?<|eot_id|>"
               "<|start_header_id|>assistant<|end_header_id|>\n\n2<|eot_id|>",
+    # Dense Connector's released Llama-3 format: a system turn, answers under a "system" header (sic)
+    "llama3_dc": f"<|begin_of_text|><|start_header_id|>system<|end_header_id|>\n\n{DC_LLAMA3_SYSTEM}<|eot_id|>"
+                 "<|start_header_id|>user<|end_header_id|>\n\n<image>\nWhat colour is the star?"
+                 "<|eot_id|><|start_header_id|>system<|end_header_id|>\n\nRed.<|eot_id|>"
+                 "<|start_header_id|>user<|end_header_id|>\n\nHow many?<|eot_id|>"
+                 "<|start_header_id|>system<|end_header_id|>\n\n2<|eot_id|>",
     "chatml": "<|im_start|>user\n<image>\nWhat colour is the star?<|im_end|>\n<|im_start|>assistant\nRed.<|im_end|>\n"
               "<|im_start|>user\nHow many?<|im_end|>\n<|im_start|>assistant\n2<|im_end|>\n",
 }
 SUPERVISED = {"plain": ["Red.\n"], "vicuna_v1": [" Red.</s>", " 2</s>"], "llama3": ["Red.<|eot_id|>", "2<|eot_id|>"],
+              "llama3_dc": ["Red.<|eot_id|>", "2<|eot_id|>"],
               "chatml": ["Red.<|im_end|>", "2<|im_end|>"]}
 GEN_SUFFIX = {"plain": "<image>", "vicuna_v1": "How many? ASSISTANT:",
               "llama3": "How many?<|eot_id|><|start_header_id|>assistant<|end_header_id|>\n\n",
+              "llama3_dc": "How many?<|eot_id|><|start_header_id|>system<|end_header_id|>\n\n",
               "chatml": "How many?<|im_end|>\n<|im_start|>assistant\n"}
 
 

@@ -25,7 +25,7 @@ Export the official work trees (bare mirrors, no work tree):
     git --git-dir=/work/.mirror/yfzhang114+SliME/repo archive HEAD | tar -x -C /work/ref/SliME
     git --git-dir=/work/.mirror/HJYao00+DenseConnector/repo archive HEAD | tar -x -C /work/ref/DC
 
-Run (about 2-3 minutes on 2 CPU cores):
+Run (about 35-90 s on 2 shared CPU cores):
     nice -n 10 /work/ref/venv/bin/python tests/assets/upstream/make_reference.py \
         --slime-repo /work/ref/SliME --dc-repo /work/ref/DC --out tests/assets/upstream
 
@@ -33,6 +33,13 @@ The script re-executes itself once per phase (common / slime / dc / clipl) becau
 two official code bases both register the transformers model type "llava_llama" and
 cannot live in one process.  All randomness comes from fixed seeds; running it twice
 gives byte-identical expected/*.safetensors.
+
+Size-saving storage (see README.md): the full vision towers are written to a scratch run
+root only (`towers/` there; `releases/`, `bases/`, `expected/` are symlinks into --out), and
+--out/towers keeps just their config.json (+ preprocessor_config.json); every tower's weights
+are inside at least one release (checked in the last phase).  `logits` keeps only the rows of
+the text positions (json `logits_positions`); `pixel_values` is stored exactly as uint8
+`pixel_values.codes` + fp32 `pixel_values.table`.
 """
 import argparse
 import json
@@ -50,8 +57,8 @@ CLIPL_SEED = 1234
 
 QUESTION = "What is written in the top left corner?"
 
-LLM_GEOMETRY = dict(hidden_size=128, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2, intermediate_size=256)
+LLM_GEOMETRY = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
+                    num_key_value_heads=1, intermediate_size=128)   # head dim 32 (vLLM CPU kernels need >= 32)
 LLAMA3_VOCAB_TRAIN = 368    # BPE vocab before the added special tokens
 VICUNA_VOCAB = 384          # sentencepiece vocab (incl. <unk>, <s>, </s> and 256 byte pieces)
 MAX_SHARD = "300KB"         # small enough that every release has >= 2 shards
@@ -146,7 +153,9 @@ def save_tensors(path, tensors):
     out = {}
     for k, v in tensors.items():
         v = v.detach().cpu().contiguous()
-        if v.dtype in (torch.int32, torch.int64, torch.bool, torch.uint8):
+        if v.dtype == torch.uint8:
+            pass                      # pixel_values.codes
+        elif v.dtype in (torch.int32, torch.int64, torch.bool):
             v = v.to(torch.int64)
         else:
             v = v.to(torch.float32)
@@ -217,7 +226,7 @@ def make_image(path):
 def build_llama3_tokenizer(out_dir):
     from tokenizers import Tokenizer, models, pre_tokenizers, decoders, processors, trainers, Regex
     from transformers import PreTrainedTokenizerFast
-    tok = Tokenizer(models.BPE(ignore_merges=False) if "ignore_merges" in models.BPE.__init__.__doc__ else models.BPE())
+    tok = Tokenizer(models.BPE())
     pat = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"
            r"|\s*[\r\n]+|\s+(?!\S)|\s+")
     tok.pre_tokenizer = pre_tokenizers.Sequence([
@@ -251,14 +260,17 @@ def build_llama3_tokenizer(out_dir):
 def build_vicuna_tokenizer(out_dir, scratch):
     import sentencepiece as spm
     from transformers import LlamaTokenizer
-    prefix = os.path.join(scratch, "vicuna_sp")
+    prefix = os.path.join(scratch, "tokenizer")
+    cwd = os.getcwd()
+    os.chdir(scratch)    # relative model_prefix: the prefix is recorded inside tokenizer.model
     spm.SentencePieceTrainer.train(
-        sentence_iterator=iter(CORPUS.splitlines()), model_prefix=prefix, vocab_size=VICUNA_VOCAB,
+        sentence_iterator=iter(CORPUS.splitlines()), model_prefix="tokenizer", vocab_size=VICUNA_VOCAB,
         model_type="bpe", byte_fallback=True, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
         unk_piece="<unk>", bos_piece="<s>", eos_piece="</s>", character_coverage=1.0,
         split_digits=True, add_dummy_prefix=True, remove_extra_whitespaces=False,
         normalization_rule_name="identity", allow_whitespace_only_pieces=True,
         num_threads=1, minloglevel=2, hard_vocab_limit=True, shuffle_input_sentence=False)
+    os.chdir(cwd)
     os.makedirs(out_dir, exist_ok=True)
     tk = LlamaTokenizer(vocab_file=prefix + ".model", legacy=False, add_bos_token=True,
                         add_eos_token=False, clean_up_tokenization_spaces=False,
@@ -334,10 +346,12 @@ def phase_common(args):
     build_vicuna_tokenizer(vi_tok_dir, scratch)
     base_llm(l3_tok_dir, os.path.join(out, "bases", "llama3-tiny"), "llama3")
     base_llm(vi_tok_dir, os.path.join(scratch, "bases", "vicuna-tiny"), "vicuna")   # not shipped (size)
-    # vision towers (CLIP; SigLIP is built in the dc phase with DC's own class)
-    clip_tower(os.path.join(out, "towers", "clip-tiny-336"), 256, 4, 256, 2, 336, 14, SEED + 10)
-    clip_tower(os.path.join(out, "towers", "clip-tiny-336-w128"), 128, 4, 128, 2, 336, 14, SEED + 11)
-    clip_tower(os.path.join(out, "towers", "clip-tiny-56-l24"), 32, 2, 64, 24, 56, 14, SEED + 12)
+    # vision towers (CLIP; SigLIP is built in the dc phase with DC's own class).  The full
+    # towers live in the scratch run root only; the assets keep their configs (see main()).
+    towers = os.path.join(run_root(args), "towers")
+    clip_tower(os.path.join(towers, "clip-tiny-336"), 128, 4, 256, 2, 336, 14, SEED + 10)
+    clip_tower(os.path.join(towers, "clip-tiny-336-w128"), 128, 4, 128, 2, 336, 14, SEED + 11)
+    clip_tower(os.path.join(towers, "clip-tiny-56-l24"), 16, 2, 32, 24, 56, 14, SEED + 12)
 
 
 # ----------------------------------------------------------------------------- shared helpers
@@ -395,6 +409,70 @@ def config_subset(cfg):
     return {k: d[k] for k in keys if k in d}
 
 
+def strip_bos_placeholder(out_ids, tokenizer):
+    """transformers 4.37 generate() called with inputs_embeds (as the official LLaVA-style
+    generate() does) starts its output with a (batch, 1) BOS placeholder (see
+    GenerationMixin._maybe_initialize_input_ids_for_generation); the new tokens follow."""
+    if out_ids.numel() == N_GREEDY + 1 or (out_ids.numel() >= 1 and int(out_ids[0]) == tokenizer.bos_token_id):
+        return out_ids[1:], True
+    return out_ids, False
+
+
+def run_root(args):
+    """Working directory of the slime/dc phases: `towers/` holds the FULL towers (scratch only),
+    `releases/`, `bases/`, `expected/` are symlinks into --out.  So `mm_vision_tower` stays the
+    relative string "towers/<name>" and the official loaders resolve it from here."""
+    return os.path.join(args.scratch, "root")
+
+
+def text_logits(logits, pos, nvis, tensors, info):
+    """Keep only the logits rows of the text positions (before and after the visual block)."""
+    T = int(logits.shape[0])
+    positions = list(range(pos)) + list(range(pos + nvis, T))
+    tensors["logits"] = logits[positions]
+    info["logits_positions"] = positions
+    info["logits_storage"] = ("logits [len(logits_positions), V] fp32 = the official logits at the expanded-"
+                              "sequence positions logits_positions (all positions outside visual_block)")
+
+
+def pack_pixels(tensors, info):
+    """pixel_values -> pixel_values.codes (uint8, same shape) + pixel_values.table (fp32 [3, K]) with
+    pixel_values.select(-3, c) == table[c][codes.select(-3, c).long()] bit-exactly for every channel c
+    (the preprocessing maps each uint8 input value of a channel to one float).  Rows of `table` are
+    the sorted distinct values of the channel, padded by repeating the channel's largest value."""
+    import torch
+    if "pixel_values" not in tensors:
+        return
+    pv = tensors["pixel_values"].detach().to(torch.float32).contiguous()
+    cdim = pv.dim() - 3              # channel axis: [3,H,W] (pad) or [1+n,3,H,W] (anyres)
+    assert pv.shape[cdim] == 3, tuple(pv.shape)
+    chans = [pv.select(cdim, c).contiguous() for c in range(3)]
+    uniq = [torch.unique(ch) for ch in chans]
+    counts = [int(u.numel()) for u in uniq]
+    if max(counts) > 256:
+        print(f"[make_reference] WARNING {info.get('release')}: pixel_values has {counts} distinct values per "
+              "channel (> 256); storing plain fp32 pixel_values", flush=True)
+        tensors["pixel_values"] = pv
+        info["pixel_values_storage"] = {"how": "plain fp32 pixel_values (a channel has > 256 distinct values)",
+                                        "distinct_per_channel": counts}
+        return
+    K = max(counts)
+    table = torch.stack([torch.cat([u, u[-1:].expand(K - u.numel())]) for u in uniq])
+    codes = torch.stack([torch.searchsorted(uniq[c], chans[c]) for c in range(3)], dim=cdim).to(torch.uint8)
+    for c in range(3):
+        back = table[c][codes.select(cdim, c).long()]
+        assert torch.equal(back.view(torch.int32), chans[c].view(torch.int32)), (info.get("release"), c)
+    del tensors["pixel_values"]
+    tensors["pixel_values.codes"] = codes
+    tensors["pixel_values.table"] = table
+    info["pixel_values_storage"] = {
+        "how": "pixel_values.codes (uint8, shape of pixel_values) + pixel_values.table (fp32 [3, K]); "
+               "pixel_values.select(-3, c) == table[c][codes.select(-3, c).long()] exactly (asserted, bitwise); "
+               "the channel axis is dim -3 (dim 1 of [1+n,3,H,W], dim 0 of [3,H,W]); table rows are sorted, "
+               "padded by repeating the channel's largest value",
+        "shape": list(pv.shape), "distinct_per_channel": counts}
+
+
 def splice_positions(input_ids, n_embeds):
     """(start, length) of the visual block that replaced the single -200 in input_ids."""
     ids = input_ids.tolist()
@@ -416,9 +494,10 @@ def phase_slime(args):
     from llava.mm_utils import process_images, tokenizer_image_token, get_anyres_image_grid_shape
     from llava.conversation import conv_templates
     from llava.constants import IMAGE_TOKEN_INDEX, DEFAULT_IMAGE_TOKEN
+    from llava.model.multimodal_resampler.sampler import get_2d_sincos_pos_embed as sincos
 
     out, scratch = args.out, args.scratch
-    os.chdir(out)      # mm_vision_tower is the relative path "towers/..." (resolves from here)
+    os.chdir(run_root(args))   # mm_vision_tower is the relative path "towers/..." (resolves from here)
     builder.torch = fp32_torch_proxy(torch)
 
     def model_args(tower, seperator, **over):
@@ -452,6 +531,7 @@ def phase_slime(args):
         tok = train_like_tokenizer(base_dir, None, "slime")
         sep = tok(",")["input_ids"][-1]
         model = LlavaLlamaForCausalLM.from_pretrained(base_dir, torch_dtype=torch.float32)
+        model.config._name_or_path = "bases/" + os.path.basename(base_dir)
         margs = model_args(tower, sep)
         model.get_model().initialize_vision_modules(model_args=margs, fsdp=[])
         finish_config(model, tok, margs)
@@ -508,9 +588,6 @@ def phase_slime(args):
     # randomise what LoRA training changes: lora_A/lora_B and the mm modules
     randomize_(model, g, skip=("pos_embed", "vision_tower", "embed_tokens", "lm_head", "norm.weight",
                                "base_layer", "layers."))
-    for n, p in sorted(model.named_parameters()):
-        if "lora_" in n:
-            pass
     gl = torch.Generator().manual_seed(SEED + 103)
     lora_params = {n: p for n, p in model.named_parameters() if "lora_" in n}
     for n in sorted(lora_params):
@@ -548,12 +625,13 @@ def phase_slime(args):
             fixed = []
             for mname, mod in model.named_modules():
                 if type(mod).__name__ == "Resampler":
-                    tbl = torch.from_numpy(rs_builder.get_2d_sincos_pos_embed(mod.embed_dim, mod.grid_size)
-                                           if False else __import__("llava.model.multimodal_resampler.sampler",
-                                                                    fromlist=["x"]).get_2d_sincos_pos_embed(mod.embed_dim, mod.grid_size)).to(torch.float16)
-                    before_ok = torch.equal(mod.pos_embed.detach().to(torch.float16), tbl)
-                    mod.pos_embed = torch.nn.Parameter(tbl.to(mod.query.dtype), requires_grad=False)
-                    fixed.append({"module": mname, "pos_embed_matched_official_table_before_fix": bool(before_ok)})
+                    tbl = torch.from_numpy(sincos(mod.embed_dim, mod.grid_size)).to(torch.float16)
+                    before = mod.pos_embed.detach()
+                    before_ok = torch.equal(before.to(torch.float16), tbl)
+                    mod.pos_embed = torch.nn.Parameter(tbl.to(before.dtype), requires_grad=False)
+                    fixed.append({"module": mname, "dtype": str(before.dtype),
+                                  "pos_embed_matched_official_table_before_fix": bool(before_ok),
+                                  "before_fix": "uninitialised memory (torch.empty; run-dependent)"})
             notes["lora_pos_embed_fix"] = fixed
         conv = conv_templates[conv_mode].copy()
         qs = DEFAULT_IMAGE_TOKEN + "\n" + QUESTION
@@ -597,13 +675,14 @@ def phase_slime(args):
         visual = rec["inputs_embeds"][0, pos:pos + nvis]
 
         tensors = {"pixel_values": pixel_values, "input_ids": input_ids,
-                   "vision.features": rec["vision.features"], "logits": logits, "visual_tokens": visual}
+                   "vision.features": rec["vision.features"], "visual_tokens": visual}
         info = {"release": name, "prompt": prompt, "question": QUESTION, "conv_mode": conv_mode,
                 "image_size": list(image.size), "image_file": "expected/image.png",
                 "config": config_subset(model.config), "versions": versions(),
                 "visual_block": {"start": pos, "length": nvis}, "num_positions": T_full,
                 "dtype": "float32 (release weights are bf16; loaded with the official builder in fp32)",
                 "notes": notes}
+        text_logits(logits, pos, nvis, tensors, info)
         gw, gh = get_anyres_image_grid_shape(image.size, model.config.image_grid_pinpoints,
                                              model.get_vision_tower().config.image_size)
         info.update({"grid_cols": gw, "grid_rows": gh, "num_crops": int(pixel_values.shape[0] - 1)})
@@ -664,33 +743,48 @@ def phase_slime(args):
             gen = model.generate(input_ids.unsqueeze(0), images=images, image_sizes=image_sizes,
                                  do_sample=False, temperature=0, top_p=None, num_beams=1,
                                  max_new_tokens=N_GREEDY, use_cache=True)
-        greedy = gen[0]
+        greedy, stripped = strip_bos_placeholder(gen[0], tokenizer)
         tensors["greedy"] = greedy
         info["greedy"] = {"how": "official LlavaLlamaForCausalLM.generate(do_sample=False, num_beams=1, "
                                  f"max_new_tokens={N_GREEDY}, use_cache=True) with generation_config from the "
-                                 "release (stops early at eos)", "num_tokens": int(greedy.numel()),
-                          "text": tokenizer.decode(greedy, skip_special_tokens=False)}
-        # sanity: greedy[0] must be the argmax of the last prompt position
-        info["greedy"]["first_token_equals_argmax_last_logits"] = bool(int(greedy[0]) == int(logits[-1].argmax()))
+                                 "release (would stop early at eos); selection is done once at prefill",
+                          "num_tokens": int(greedy.numel()), "stripped_leading_bos_placeholder": stripped,
+                          "text": tokenizer.decode(greedy, skip_special_tokens=False),
+                          "first_token_equals_argmax_last_logits": bool(int(greedy[0]) == int(logits[-1].argmax()))}
         info["tokenizer_loaded_by_builder"] = type(tokenizer).__name__
         info["len_tokenizer"] = len(tokenizer)
         return model, tensors, info
 
     def write(name, tensors, info):
+        pack_pixels(tensors, info)
         save_tensors(os.path.join("expected", f"{name}.safetensors"), tensors)
         save_json(os.path.join("expected", f"{name}.json"), info)
 
     model, t, info = run_release("slime-llama3", "releases/slime-llama3", None, "llama3")
+    ref_l3 = {k: v for k, v in t.items()}     # before write(): pack_pixels replaces pixel_values
     write("slime-llama3", t, info)
-    ref_l3 = {k: v for k, v in t.items()}
     del model
     model, t, info = run_release("slime-vicuna", "releases/slime-vicuna", None, "vicuna_v1")
+    assert torch.equal(t["pixel_values"], ref_l3["pixel_values"])
+    del t["pixel_values"]
+    info["not_stored_duplicates"] = {"pixel_values": "identical to expected/slime-llama3.safetensors pixel_values "
+                                                     "(stored there as pixel_values.codes/.table; same "
+                                                     "CLIPImageProcessor settings; asserted)"}
     write("slime-vicuna", t, info)
     del model
     model, t, info = run_release("slime-lora", "releases/slime-lora", "bases/llama3-tiny", "llama3")
     info["lora"] = {"r": 8, "alpha": 16, "target_modules": sorted(targets),
                     "how": "official builder: LlavaLlamaForCausalLM.from_pretrained(model_base, config=release config) "
                            "+ non_lora_trainables.bin + PeftModel.from_pretrained + merge_and_unload"}
+    assert torch.equal(t["pixel_values"], ref_l3["pixel_values"])
+    assert torch.equal(t["vision.features"], ref_l3["vision.features"])
+    keep = ("input_ids", "logits", "greedy", "visual_tokens", "global.gates", "selector.scores",
+            "selector.kept_head", "selector.kept_june2024", "selector.text_mask")
+    info["not_stored_duplicates"] = {
+        "pixel_values": "identical to expected/slime-llama3.safetensors (pixel_values.codes/.table; asserted)",
+        "vision.features": "identical to expected/slime-llama3.safetensors (same tower; asserted)",
+        "other module outputs": "not stored for the LoRA release (size); only " + ", ".join(keep)}
+    t = {k: v for k, v in t.items() if k in keep}
     write("slime-lora", t, info)
     del model
 
@@ -730,13 +824,13 @@ def phase_dc(args):
     from dc.constants import IMAGE_TOKEN_INDEX, DEFAULT_IMAGE_TOKEN
 
     out, scratch = args.out, args.scratch
-    os.chdir(out)
+    os.chdir(run_root(args))   # towers/ = full scratch towers; releases/, bases/, expected/ -> args.out
     builder.torch = fp32_torch_proxy(torch)
 
     # DC's own SigLIP tower class (27 layers configured, the last one deleted, head Identity)
     sig_dir = os.path.join("towers", "siglip-tiny-384")
     if not os.path.exists(os.path.join(sig_dir, "config.json")):
-        scfg = SigLipVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=27,
+        scfg = SigLipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=27,
                                   num_attention_heads=2, image_size=384, patch_size=14,
                                   torch_dtype="bfloat16")
         torch.manual_seed(SEED + 13)
@@ -747,6 +841,7 @@ def phase_dc(args):
     def build_dc(name, base_dir, kind, tower, dc_type, seed, pad_rule, anyres=False):
         tok = train_like_tokenizer(base_dir, None, pad_rule)
         model = LlavaLlamaForCausalLM.from_pretrained(base_dir, torch_dtype=torch.float32)
+        model.config._name_or_path = "bases/" + os.path.basename(base_dir)
         margs = types.SimpleNamespace(
             vision_tower=tower, mm_vision_select_layer=-2, mm_vision_select_feature="patch",
             pretrain_mm_mlp_adapter=None, mm_patch_merge_type="spatial_unpad" if anyres else "flat",
@@ -802,6 +897,7 @@ def phase_dc(args):
         ("dc-anyres", vic_base, "vicuna", "towers/clip-tiny-56-l24", "dci", "vicuna_v1", "dc_v1", True),
     ]
     image = Image.open("expected/image.png").convert("RGB")
+    first_pixels = {}
     for i, (name, base, kind, tower, dc_type, conv_mode, pad_rule, anyres) in enumerate(releases):
         path = build_dc(name, base, kind, tower, dc_type, SEED + 200 + i, pad_rule, anyres)
         # -------- expected (official builder needs 'llava' in model_name) --------
@@ -850,11 +946,24 @@ def phase_dc(args):
         for h in hooks:
             h.remove()
         logits = o.logits[0]
+        greedy, stripped = strip_bos_placeholder(gen[0], tokenizer)
         pos, nvis = splice_positions(input_ids, logits.shape[0])
         visual = rec["inputs_embeds"][0, pos:pos + nvis]
         tensors = {"pixel_values": pixel_values, "input_ids": input_ids, "vision.features": rec["vision.features"],
                    "connector.fused": rec["connector.fused"], "projector.out": rec["projector.out"],
-                   "visual_tokens": visual, "logits": logits, "greedy": gen[0]}
+                   "visual_tokens": visual, "greedy": greedy}
+        dedup = {}
+        key = (tuple(pixel_values.shape), tower)
+        if key in first_pixels:
+            assert torch.equal(first_pixels[key][1], pixel_values)
+            del tensors["pixel_values"]
+            dedup["pixel_values"] = (f"identical to expected/{first_pixels[key][0]}.safetensors pixel_values "
+                                     "(stored there as pixel_values.codes/.table; asserted)")
+        else:
+            first_pixels[key] = (name, pixel_values)
+        if not anyres and torch.equal(rec["projector.out"][0], visual):
+            del tensors["projector.out"]
+            dedup["projector.out"] = "equal to visual_tokens[None] (pad path: the projector output is spliced as is; asserted)"
         info = {"release": name, "prompt": prompt, "question": QUESTION, "conv_mode": conv_mode,
                 "image_size": list(image.size), "image_file": "expected/image.png",
                 "config": config_subset(model.config), "versions": versions(),
@@ -862,17 +971,18 @@ def phase_dc(args):
                 "is_siglip": bool(model.is_siglip()), "dense_connector_type": dc_type,
                 "model_name_passed_to_builder": "llava-" + name,
                 "greedy": {"how": "official generate(do_sample=False, num_beams=1, max_new_tokens=16, "
-                                  f"eos_token_id={terminators}) as dc/eval/model_vqa_loader.py",
-                           "num_tokens": int(gen[0].numel()),
-                           "text": tokenizer.decode(gen[0], skip_special_tokens=False),
-                           "first_token_equals_argmax_last_logits": bool(int(gen[0][0]) == int(logits[-1].argmax()))},
+                                  f"eos_token_id={terminators}) as dc/eval/model_vqa_loader.py (stops at eos)",
+                           "num_tokens": int(greedy.numel()), "stripped_leading_bos_placeholder": stripped,
+                           "text": tokenizer.decode(greedy, skip_special_tokens=False),
+                           "first_token_equals_argmax_last_logits": bool(int(greedy[0]) == int(logits[-1].argmax()))},
                 "tokenizer_loaded_by_builder": type(tokenizer).__name__, "len_tokenizer": len(tokenizer),
+                "not_stored_duplicates": dedup,
                 "num_crops": int(pixel_values.shape[0] - 1) if pixel_values.dim() == 4 else 0,
                 "dtype": "float32 (release weights bf16; builder's hard-coded fp16 switched to fp32)"}
+        text_logits(logits, pos, nvis, tensors, info)
         vt = model.get_vision_tower()
-        info["tower"] = {"path": tower, "num_hidden_states": len(vt.vision_tower(images[0][:1] if pixel_values.dim() == 4 else pixel_values[:1],
-                                                                                  output_hidden_states=True).hidden_states)
-                         if False else None}
+        info["tower"] = {"path": tower, "class": type(vt).__name__,
+                         "num_layers_built": len(vt.vision_tower.vision_model.encoder.layers)}
         if anyres:
             gw, gh = get_anyres_image_grid_shape(image.size, model.config.image_grid_pinpoints, vt.config.image_size)
             info.update({"grid_cols": gw, "grid_rows": gh,
@@ -881,7 +991,7 @@ def phase_dc(args):
                                            "appended at the end of every token row, flattened row-major",
                          "tokens_per_row_incl_newline": gw * vt.num_patches_per_side + 1})
             tensors["image_newline"] = m.image_newline.detach()
-        write_dc = lambda n, t, j: (save_tensors(os.path.join("expected", f"{n}.safetensors"), t),
+        write_dc = lambda n, t, j: (pack_pixels(t, j), save_tensors(os.path.join("expected", f"{n}.safetensors"), t),
                                     save_json(os.path.join("expected", f"{n}.json"), j))
         write_dc(name, tensors, info)
         del model
@@ -903,6 +1013,10 @@ def phase_clipl(args):
     torch.manual_seed(0)
     gated = GatedBlock(cfg).eval().float()
     sampler = TextGuidedSampler("cosine", cfg).eval().float()
+    # .float() upcast the fp16 position tables; the official constructors build them fp16 and released
+    # checkpoints load into fp16 parameters, so keep them fp16 (get_abs_pos then rounds keys to fp16 too).
+    for res in (gated.attn, sampler.post_qformer):
+        res.pos_embed.data = res.pos_embed.data.half()
     mods = {"model.mm_projector.": gated, "model.sampler.": sampler}
     sd = {}
     for prefix, mod in mods.items():
@@ -928,7 +1042,7 @@ def phase_clipl(args):
         leaf = key.rsplit(".", 1)[-1]
         if leaf == "pos_embed" or leaf in ("mean", "std"):
             recipe.append({"key": key, "shape": list(t.shape), "generated": False,
-                           "value": "official fp16 sin-cos table (upcast to fp32)" if leaf == "pos_embed"
+                           "value": "official fp16 sin-cos table (kept fp16)" if leaf == "pos_embed"
                            else "official buffer (bf16 0.0 / 1.0, unused at inference)"})
             continue
         kind, s = scale_for(key, tuple(t.shape))
@@ -948,25 +1062,68 @@ def phase_clipl(args):
         mix = gated(x)
         comp = sampler.post_qformer(crops)
     save_tensors(os.path.join(args.out, "expected", "clip-l-geometry.safetensors"),
-                 {"x": x, "crops": crops, "global.gates": gates, "global.mlp_expert": mlp_e,
-                  "global.attn_expert": attn_e, "global.mixture": mix, "local.compressed": comp})
+                 {"global.gates": gates, "global.mlp_expert": mlp_e,
+                  "global.attn_expert": attn_e, "global.mixture": mix, "local.compressed": comp[:1]})
     save_json(os.path.join(args.out, "expected", "clip-l-geometry.json"), {
         "what": "official GatedBlock (mm_projector) and TextGuidedSampler.post_qformer at CLIP-L geometry",
         "config": {"mm_hidden_size": 1024, "hidden_size": 64, "resampler_heads": 1024 // 128,
                    "mm_resampler_dim": 144, "mm_learnable_gated": -1},
         "seed": CLIPL_SEED,
-        "recipe": "modules built by the official constructors, then .float() (so w_gate/w_noise/pos_embed are fp32; "
-                  "pos_embed keeps the fp16-rounded official table). g = torch.Generator().manual_seed(seed); for "
+        "stored": "local.compressed holds the first crop's output only (size); both crops are computed",
+        "recipe": "modules built by the official constructors, then .float() (so w_gate/w_noise are fp32), then "
+                  "pos_embed back to fp16 as the constructors build it. g = torch.Generator().manual_seed(seed); for "
                   "key in sorted(keys) (full official names below, 'model.mm_projector.*' and 'model.sampler.*' "
                   "together): skip pos_embed and the buffers mean/std; else value = torch.randn(shape, generator=g) "
                   "* scale (+1.0 for kind ln_weight). scale: w_gate/w_noise 2/sqrt(shape[0]); ln_* weight/bias 0.1; "
                   "query 0.5; other >=2-D tensors 1/sqrt(shape[1]); other 1-D (biases) 0.1. Then x = "
                   "torch.randn((576,1024), generator=g); crops = torch.randn((2,576,1024), generator=g).",
         "keys": recipe,
+        "inputs_not_stored": "x [576,1024] and crops [2,576,1024] are regenerated from the generator (see recipe)",
+        "input_checksums": {"x.sum": float(x.double().sum()), "x[0,:4]": x[0, :4].tolist(),
+                            "crops.sum": float(crops.double().sum()), "crops[1,575,-4:]": crops[1, 575, -4:].tolist()},
         "outputs": {"global.gates": "noisy_top_k_gating(x)[0] in eval (no noise) [576,2]",
                     "global.mlp_expert": "projection(x)", "global.attn_expert": "projection(attn(x[None]))[0]",
                     "global.mixture": "GatedBlock(x)", "local.compressed": "sampler.post_qformer(crops) [2,144,1024]"},
         "versions": versions()})
+
+
+# ----------------------------------------------------------------------------- phase: towers
+def phase_towers(args):
+    """Copy only the tower configs (+ preprocessor_config.json) into --out/towers; the weights
+    stay in the scratch run root.  Check that every tower's weights are inside a release."""
+    import torch
+    from safetensors.torch import load_file
+    src_root = os.path.join(run_root(args), "towers")
+    towers = {}
+    for name in sorted(os.listdir(src_root)):
+        dst = os.path.join(args.out, "towers", name)
+        os.makedirs(dst, exist_ok=True)
+        for f in ("config.json", "preprocessor_config.json"):
+            if os.path.exists(os.path.join(src_root, name, f)):
+                shutil.copyfile(os.path.join(src_root, name, f), os.path.join(dst, f))
+        towers["towers/" + name] = load_file(os.path.join(src_root, name, "model.safetensors"))
+    prefix = "model.vision_tower.vision_tower."
+    held = {}
+    rel_root = os.path.join(args.out, "releases")
+    for rel in sorted(os.listdir(rel_root)):
+        d = os.path.join(rel_root, rel)
+        with open(os.path.join(d, "config.json")) as f:
+            tower = json.load(f)["mm_vision_tower"]
+        sd = {}
+        for f in sorted(os.listdir(d)):
+            if f.endswith(".safetensors") and f != "adapter_model.safetensors":
+                sd.update({k[len(prefix):]: v for k, v in load_file(os.path.join(d, f)).items()
+                           if k.startswith(prefix)})
+        if not sd:
+            continue     # slime-lora / slime-stage2-adapters: the tower is not in the release files
+        ref = towers[tower]
+        assert sorted(sd) == sorted(ref), (rel, tower)
+        assert all(torch.equal(sd[k], ref[k]) for k in ref), (rel, tower)
+        held.setdefault(tower, []).append(rel)
+    missing = sorted(set(towers) - set(held))
+    assert not missing, f"tower weights in no release: {missing}"
+    print("[make_reference] tower weights (not stored in towers/) are inside: "
+          + "; ".join(f"{t} -> {', '.join(r)}" for t, r in sorted(held.items())), flush=True)
 
 
 # ----------------------------------------------------------------------------- main
@@ -975,21 +1132,27 @@ def main():
     ap.add_argument("--slime-repo", required=True)
     ap.add_argument("--dc-repo", required=True)
     ap.add_argument("--out", required=True)
-    ap.add_argument("--phase", choices=["common", "slime", "dc", "clipl"], default=None)
+    ap.add_argument("--phase", choices=["common", "slime", "dc", "clipl", "towers"], default=None)
     ap.add_argument("--scratch", default=None)
     args = ap.parse_args()
     args.out = os.path.abspath(args.out)
     if args.phase:
-        {"common": phase_common, "slime": phase_slime, "dc": phase_dc, "clipl": phase_clipl}[args.phase](args)
+        {"common": phase_common, "slime": phase_slime, "dc": phase_dc, "clipl": phase_clipl,
+         "towers": phase_towers}[args.phase](args)
         return
     for d in ("releases", "towers", "bases", "expected"):
         shutil.rmtree(os.path.join(args.out, d), ignore_errors=True)
     scratch = tempfile.mkdtemp(prefix="slime-ref-")
+    root = os.path.join(scratch, "root")          # see run_root()
+    os.makedirs(os.path.join(root, "towers"))
+    for d in ("releases", "bases", "expected"):
+        os.makedirs(os.path.join(args.out, d), exist_ok=True)
+        os.symlink(os.path.join(args.out, d), os.path.join(root, d))
     env = dict(os.environ, PYTHONHASHSEED="0", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
                HF_DATASETS_OFFLINE="1", OMP_NUM_THREADS="1", MKL_NUM_THREADS="1",
                TOKENIZERS_PARALLELISM="false", TRANSFORMERS_VERBOSITY="error")
     try:
-        for phase in ("common", "slime", "dc", "clipl"):
+        for phase in ("common", "slime", "dc", "clipl", "towers"):
             print(f"[make_reference] phase {phase}", flush=True)
             subprocess.run([sys.executable, os.path.abspath(__file__), "--phase", phase,
                             "--slime-repo", os.path.abspath(args.slime_repo),
