@@ -78,7 +78,7 @@ def test_contract_and_exact_masks(tok, template):
     first = {"plain": "<s>", "vicuna_v1": "<s>", "llama3": "<|begin_of_text|>", "llama3_dc": "<s>",
              "chatml": "<|im_start|>"}[template]  # llama3_dc: the tokenizer's BOS, then the template's
     assert ids[0] == tok.convert_tokens_to_ids(first) and labels[0] == IGNORE_INDEX
-    assert (ids[:n] == tok.bos_token_id).sum() == (template in ("plain", "vicuna_v1"))
+    assert (ids[:n] == tok.bos_token_id).sum() == (template in ("plain", "vicuna_v1", "llama3_dc"))
 
 
 @pytest.mark.parametrize("size", [(56, 56), (30, 20), (100, 80), (200, 50), (500, 40), (20, 300), (640, 480)])
