@@ -310,3 +310,46 @@ def test_modules_at_clip_l_geometry_match_upstream():
                "local.compressed": parts["compressor"]["resampler"](crops)[:1]}  # the first crop is stored
     errors = {k: rel_err(v, exp[k]) for k, v in got.items()}
     assert max(errors.values()) < MODULE_TOL, errors
+
+
+# ----------------------------------------------------------------------------- the vLLM engine
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("name", ["slime-llama3", "dc-siglip-dci"])
+def test_vllm_engine_answers_as_upstream(name, root):
+    """The converted release on vLLM (our processor, our adapter, vLLM's Llama) gives the official greedy
+    tokens for the official image and question: the image goes through our tiling, which is bit-identical
+    to upstream's on these releases (test_our_tiles_are_upstreams)."""
+    from pipelines.serve.engine import VllmChat, offline_engine
+    from slime.predictor import ChatRequest
+
+    model, tokenizer, out = converted(name, root)
+    exp, info = expected(name)
+    _, gamma = official_sequence(model, tokenizer, exp, info)
+    chat = VllmChat(str(out))
+    req = ChatRequest(messages=[{"role": "user", "content": info["question"]}],
+                      images=[Image.open(EXPECTED / "image.png").convert("RGB")], max_tokens=exp["greedy"].numel(),
+                      temperature=0.0, gamma=gamma)
+    prompt, meta = chat.prompt(req)
+    assert meta["visual_tokens"] == info["visual_block"]["length"]
+    llm = offline_engine(str(out), dtype="float32")
+    try:
+        completion = llm.generate([prompt], chat.sampling_params(req, meta), use_tqdm=False)[0].outputs[0]
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+    want = exp["greedy"].tolist()
+    got = list(completion.token_ids)
+    assert got == (want if want[-1] != tokenizer.eos_token_id else want), (got, want)
+
+
+@pytest.mark.parametrize("name", ["slime-llama3", "dc-clip-sti", "dc-siglip-dci"])
+def test_our_tiles_are_upstreams(name, root):
+    from slime.processing import SlimeProcessor
+
+    model, tokenizer, _ = converted(name, root)
+    exp, _ = expected(name)
+    tiles = SlimeProcessor(model.cfg, tokenizer).image_inputs(Image.open(EXPECTED / "image.png").convert("RGB"))
+    pv = exp["pixel_values"]
+    pv = pv[None] if pv.dim() == 3 else pv
+    assert torch.equal(torch.from_numpy(tiles["pixel_values"][: pv.shape[0]]), pv)  # DC: the global view

@@ -131,7 +131,7 @@ def engine_kwargs(uri: str, *, visual_mode: VisualMode | None = None, enforce_ea
         from vllm.v1.executor.uniproc_executor import UniProcExecutor
 
         overrides.setdefault("distributed_executor_backend", UniProcExecutor)
-    return dict(model=str(model_dir(uri, visual_mode)), dtype=cfg.dtype,
+    return dict(model=str(model_dir(uri, visual_mode)), dtype=overrides.pop("dtype", None) or cfg.dtype,
                 max_model_len=cfg.llm.max_position, enforce_eager=enforce_eager, max_num_seqs=max_num_seqs,
                 enable_prefix_caching=prefix_caching, limit_mm_per_prompt={"image": 1}, seed=0,
                 disable_log_stats=True,
