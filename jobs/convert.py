@@ -43,6 +43,7 @@ def convert(args) -> dict:
     from dataclasses import replace
 
     import torch
+    import transformers
     from transformers import AutoTokenizer
 
     from slime.checkpoint import save_pretrained
@@ -52,6 +53,7 @@ def convert(args) -> dict:
     from slime.storage import local_copy
     from slime.tokenizer import ensure_image_token
 
+    transformers.logging.set_verbosity_error()  # "llava_llama" is not a transformers type: said once per file
     print(f"[convert] reading {args.upstream}", file=sys.stderr)
     rel = read_release(local_copy(args.upstream), base=args.base and local_copy(args.base),
                        vision_path=args.vision_path and local_copy(args.vision_path), kind=args.kind,

@@ -204,10 +204,12 @@ def test_whole_model_logits_and_greedy_tokens(name, root):
 
 @pytest.mark.parametrize("name", DC)
 def test_dense_connector_fusion_matches(name, root):
-    model, _, out = converted(name, root)
+    model, tokenizer, out = converted(name, root)
     exp, info = expected(name)
     meta = json.loads((out / "metadata.json").read_text())
     assert meta["visual_mode"] == "global"  # a DC release has no trained local branch: it is never fed
+    from slime.predictor import Predictor
+    assert Predictor(model, tokenizer).mode == "global" and Predictor(model, tokenizer, mode="both").mode == "both"
     assert model.cfg.connector.kind == info["dense_connector_type"]
     pv = exp["pixel_values"]
     pv = pv[None] if pv.dim() == 3 else pv
