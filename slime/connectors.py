@@ -58,6 +58,11 @@ def sincos_table(side: int, dim: int) -> torch.Tensor:
     return torch.from_numpy(np.concatenate(halves, axis=1)).to(torch.float16).float()
 
 
+def float16_bits(table: torch.Tensor) -> torch.Tensor:
+    """A table rounded to float16, kept as the bit patterns in int32 (see Resampler)."""
+    return table.to(torch.float16).view(torch.int16).to(torch.int32)
+
+
 def resize_table(table: torch.Tensor, side: int) -> torch.Tensor:
     """A [g*g, C] grid table bicubically resized to side x side (align_corners=False), rounded back to the
     table's storage precision as upstream's ``get_abs_pos`` does (float16 when held in float32)."""
@@ -158,7 +163,8 @@ class Resampler(nn.Module):
     directly and the keys add it bicubically resized to the key grid (12x12 -> 24x24 for the compressor).
     It is a saved buffer, so a released checkpoint's own table is what runs. Upstream keeps it a float16
     parameter whatever the model's dtype (a bf16 model still adds float16 positions), so it is stored as
-    float16 bits in an int16 buffer: ``.to(dtype)`` never casts an integer tensor, the device moves it. STI's pooled key tokens
+    float16 bits in an int32 buffer: ``.to(dtype)`` never casts an integer tensor, the device moves it (int32,
+    not int16: gloo and NCCL broadcast no int16, and DDP broadcasts buffers). STI's pooled key tokens
     (``pooled`` = (copies, kernel)) get the mean of the entries of the patches they average.
     ``queries_on_keys``: one query per key token, sharing its table entry (the global attention expert).
 
@@ -182,7 +188,7 @@ class Resampler(nn.Module):
         self.ln_q = nn.LayerNorm(dim, eps=1e-6)
         self.ln_kv = nn.LayerNorm(dim, eps=1e-6)
         self.ln_post = nn.LayerNorm(dim, eps=1e-6)
-        self.register_buffer("pos_embed", sincos_table(grid, dim).half().view(torch.int16))  # [g*g, Din] fp16 bits
+        self.register_buffer("pos_embed", float16_bits(sincos_table(grid, dim)))  # [g*g, Din] float16 bits
         bias = None
         if locality is not None:
             cell = self.key_side / math.isqrt(num_queries)  # query cell side in key patches
@@ -198,7 +204,7 @@ class Resampler(nn.Module):
 
     def tables(self) -> tuple[torch.Tensor, torch.Tensor]:
         """(query table [Q, Din], key table [N, Din])."""
-        table = self.pos_embed.view(torch.float16)
+        table = self.pos_embed.to(torch.int16).view(torch.float16)
         patches = table if math.isqrt(table.shape[0]) == self.key_side else resize_table(table, self.key_side)
         copies, kernel = self.pooled
         pooled = pool_tokens(patches.float()[None], kernel)[0].to(patches.dtype) if copies else None

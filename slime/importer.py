@@ -22,6 +22,8 @@ from typing import Literal
 
 import torch
 
+from slime.connectors import float16_bits
+
 Kind = Literal["slime", "dense_connector"]
 
 _COMMON = [
@@ -81,8 +83,7 @@ def load_upstream(model, upstream: dict[str, torch.Tensor], kind: Kind) -> dict[
         if own[key].shape != value.shape:
             raise ValueError(f"{key}: checkpoint shape {tuple(value.shape)} != model shape {tuple(own[key].shape)}")
     # position tables: a release's (bf16) values cast to float16 as upstream's loader does, kept as their bits
-    mapped = {k: v.to(torch.float16).view(torch.int16) if own[k].dtype == torch.int16 else v.to(own[k].dtype)
-              for k, v in mapped.items()}
+    mapped = {k: float16_bits(v) if k.endswith(".pos_embed") else v.to(own[k].dtype) for k, v in mapped.items()}
     model.load_state_dict(mapped, strict=False)
     kept_init = sorted(k for k in own if k not in mapped)
     return {"dropped": dropped, "kept_init": kept_init}

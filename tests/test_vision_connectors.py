@@ -144,7 +144,7 @@ def test_resampler_shapes_and_fixed_tables():
     assert r.query.shape == (4, DV) and query_pos.shape == (4, DV) and key_pos.shape == (P, DV)
     # upstream's table is a saved, never-trained tensor: it travels with the checkpoint
     assert "pos_embed" in r.state_dict() and not any(n == "pos_embed" for n, _ in r.named_parameters())
-    assert r.pos_embed.dtype == torch.int16 and r.float().pos_embed.dtype == torch.int16  # float16 bits, never cast
+    assert r.pos_embed.dtype == torch.int32 and r.float().pos_embed.dtype == torch.int32  # float16 bits, never cast
     with pytest.raises(ValueError, match="divisible"):
         Resampler(4, 30, 4, key_pos.new_zeros(P, 2))
 
