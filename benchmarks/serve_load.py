@@ -84,8 +84,10 @@ def deploy(model: str, engine: str, base_url: str, max_tokens: int) -> float:
 
     from pipelines.serve.app import build_app
 
-    args = dict(model=model, model_id="bench", engine=engine, num_cpus=0.5, max_batch_size=8,
-                batch_wait_timeout_s=0.01, max_ongoing_requests=32, max_num_seqs=16, max_tokens=max_tokens,
+    # each engine gets only the settings it honours (build_app refuses the other's)
+    batching = dict(max_batch_size=8, batch_wait_timeout_s=0.01) if engine == "hf" else dict(max_num_seqs=16)
+    args = dict(model=model, model_id="bench", engine=engine, num_cpus=0.5, **batching,
+                max_ongoing_requests=32, max_tokens=max_tokens,
                 max_image_pixels=1_000_000,
                 autoscaling=dict(min_replicas=1, max_replicas=1, target_ongoing_requests=4))
     if APP in serve.status().applications:

@@ -1,6 +1,6 @@
 """`slime serve`: run the OpenAI-compatible Serve app on 127.0.0.1 and block until Ctrl-C.
 
-    python -m jobs.serve --config jobs/configs/serve_tiny.yaml --model /tmp/slime/tiny_model [max_batch_size=4]
+    python -m jobs.serve --config jobs/configs/serve_tiny.yaml --model /tmp/slime/tiny_model [mode=global ...]
     python -m jobs.serve --model s3://bucket/models/v3 --address auto      # on a running cluster
 
 For `serve run` / `serve deploy` use cluster/serve_config.yaml (same builder, same arguments).

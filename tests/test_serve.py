@@ -41,8 +41,9 @@ def tiny_checkpoints(tmp_path_factory):
 
 
 def serve_args(model: str, engine: str, max_replicas: int = 2) -> dict:
+    batching = dict(max_batch_size=4, batch_wait_timeout_s=0.05) if engine == "hf" else {}  # hf-only settings
     return dict(model=model, model_id=MODEL_ID, api_key=KEY, num_cpus=0.25, max_ongoing_requests=8, engine=engine,
-                max_batch_size=4, batch_wait_timeout_s=0.05, max_image_pixels=500_000, max_tokens=64,
+                **batching, max_image_pixels=500_000, max_tokens=64,
                 autoscaling=dict(min_replicas=1, max_replicas=max_replicas, target_ongoing_requests=2,
                                  upscale_delay_s=1, downscale_delay_s=3, look_back_period_s=2, metrics_interval_s=0.5))
 
@@ -203,6 +204,7 @@ BAD = [  # (name, body or raw bytes, extra headers, status, param, code)
     ("gamma range", chat("x", gamma=0), {}, 400, "gamma", "invalid_value"),
     ("temperature type", chat("x", temperature="warm"), {}, 400, "temperature", "invalid_value"),
     ("n over the limit", chat("x", n=99), {}, 400, "n", "invalid_value"),
+    ("n greedy", chat("x", n=3), {}, 400, "n", "invalid_value"),  # was vLLM's ValueError as a plain-text 500
     ("unsupported field", chat("x", tools=[{"type": "function", "function": {"name": "f"}}]), {}, 400, "tools",
      "unsupported_parameter"),
     ("unknown model", {**chat("x"), "model": "gpt-9"}, {}, 404, "model", "model_not_found"),
@@ -236,7 +238,7 @@ def test_logprobs_n_and_response_format(client, engine):
               "additionalProperties": False}
     fmt = {"type": "json_schema", "json_schema": {"name": "answer", "schema": schema}}
     if engine == "hf":  # the reference path says so instead of ignoring them
-        for extra in ({"n": 2}, {"logprobs": True}, {"response_format": fmt}):
+        for extra in ({"n": 2, "temperature": 1.0}, {"logprobs": True}, {"response_format": fmt}):
             with pytest.raises(openai.BadRequestError) as info:
                 client.chat.completions.create(model=MODEL_ID, messages=msgs, max_tokens=4, **extra)
             assert info.value.body["code"] == "unsupported_value", extra

@@ -99,6 +99,8 @@ def test_string_content_defaults_and_roles():
     ({**user(text("x")), "max_completion_tokens": 1000}, 400, "max_completion_tokens", "invalid_value"),
     ({**user(text("x")), "stop": ["a", ""]}, 400, "stop", "invalid_value"),
     ({**user(text("x")), "seed": 1.5}, 400, "seed", "invalid_value"),
+    ({**user(text("x")), "n": 3}, 400, "n", "invalid_value"),  # greedy by default: n copies of one answer
+    ({**user(text("x")), "n": 2, "temperature": 0}, 400, "n", "invalid_value"),
 ])
 def test_bad_requests_name_param_and_code(body, status, param, code):
     e = err(body)
@@ -108,7 +110,7 @@ def test_bad_requests_name_param_and_code(body, status, param, code):
 
 
 def test_engine_options():
-    p = parse({**user(text("x")), "n": 3, "logprobs": True, "top_logprobs": 2,
+    p = parse({**user(text("x")), "n": 3, "temperature": 0.7, "logprobs": True, "top_logprobs": 2,
                "response_format": {"type": "json_schema", "json_schema": {"name": "a", "schema": {"type": "object"}}}})
     assert (p.n, p.logprobs, p.response_format) == (3, 2, ("json_schema", {"type": "object"}))
     p = parse({**user(text("x")), "logprobs": True, "response_format": {"type": "json_object"}})
@@ -173,3 +175,48 @@ def test_response_shapes():
     assert c["object"] == "chat.completion.chunk" and c["choices"][0]["delta"] == {"content": "x"}
     assert oai.sse(c).startswith("data: {") and oai.sse(c).endswith("\n\n")
     assert oai.SSE_DONE == "data: [DONE]\n\n"
+
+
+def test_unexpected_errors_are_openai_500s_and_the_app_keeps_serving():
+    from fastapi import FastAPI
+    from fastapi.testclient import TestClient
+
+    from pipelines.serve.ingress import install_error_handlers
+
+    api = FastAPI()
+    install_error_handlers(api)
+
+    @api.get("/boom")
+    async def boom():
+        raise RuntimeError("a bug")
+
+    @api.get("/ok")
+    async def ok():
+        return {"ok": True}
+
+    client = TestClient(api, raise_server_exceptions=False)
+    r = client.get("/boom")
+    assert r.status_code == 500 and r.json() == {"error": {"message": "internal error: RuntimeError",
+                                                           "type": "server_error", "param": None, "code": None}}
+    assert client.get("/ok").json() == {"ok": True}
+
+
+@pytest.mark.parametrize(("engine", "setting", "value"), [("vllm", "max_batch_size", 4), ("vllm", "device", "cuda"),
+                                                         ("hf", "max_num_seqs", 64), ("hf", "tensor_parallel_size", 2)])
+def test_a_setting_the_engine_cannot_honour_is_an_error_naming_it(engine, setting, value):
+    from pipelines.serve.ingress import ServeArgs, check_engine_settings
+
+    check_engine_settings(ServeArgs(model="/m"), engine)  # defaults are fine for either engine
+    with pytest.raises(ValueError, match=f"{setting}={value!r} is a setting of the"):
+        check_engine_settings(ServeArgs(model="/m", **{setting: value}), engine)
+
+
+def test_default_model_id(tmp_path):
+    from pipelines.serve.ingress import default_model_id
+
+    (tmp_path / "versions" / "v7" / "model").mkdir(parents=True)
+    assert default_model_id("s3://b/registry/versions/v7/model", tmp_path / "versions" / "v7" / "model") == "v7"
+    assert default_model_id(str(tmp_path / "ckpt-3"), tmp_path / "nowhere") == "ckpt-3"
+    (tmp_path / "meta").mkdir()
+    (tmp_path / "meta" / "metadata.json").write_text('{"model_id": "slime-8b-sft"}')
+    assert default_model_id("/x/model", tmp_path / "meta") == "slime-8b-sft"

@@ -1,6 +1,7 @@
 """Serve stage: the OpenAI-compatible Ray Serve app and the vLLM engine it (and evaluation) runs on.
 
     app           build_app(ServeArgs | dict) -> Application; the HF Predictor ingress (reference path)
+    ingress       what both ingresses share: ServeArgs, per-engine settings, model id, auth, error bodies
     openai        the OpenAI chat-completions wire format: schema, validation, images, errors, SSE (no Ray)
     vllm_app      the ingress over an in-replica vLLM AsyncLLM (engine="vllm")
     engine        one construction path for vLLM engines: serving, batch inference, evaluation

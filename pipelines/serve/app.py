@@ -24,138 +24,32 @@ Batch size/timeout and autoscaling are "lightweight" options: changing them does
 import asyncio
 import dataclasses
 import hashlib
-import hmac
 import logging
 import os
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
-from typing import Literal
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.serve import Application
 from ray.serve.metrics import Counter, Histogram
-from starlette.exceptions import HTTPException
 
 from pipelines.serve import openai as oai
+from pipelines.serve.ingress import (AutoscalingArgs, ServeArgs, authorize, check_engine_settings,  # noqa: F401
+                                     default_model_id, error_response, install_error_handlers, server_error)
 from slime.config import from_dict
 from slime.errors import InputError
 from slime.predictor import ChatRequest, Predictor, PredictorLimits
+from slime.storage import local_copy
 
 logger = logging.getLogger("ray.serve")
-
-
-@dataclass(frozen=True, kw_only=True)
-class AutoscalingArgs:
-    """Serve's autoscaling_config. Defaults are production-slow; tests shorten the delays."""
-
-    min_replicas: int = 1
-    max_replicas: int = 1
-    target_ongoing_requests: float = 2.0
-    upscale_delay_s: float = 30.0
-    downscale_delay_s: float = 600.0
-    look_back_period_s: float = 30.0
-    metrics_interval_s: float = 10.0
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.min_replicas <= self.max_replicas or self.max_replicas < 1:
-            raise ValueError(f"autoscaling: need 0 <= min_replicas <= max_replicas and max_replicas >= 1, "
-                             f"got {self.min_replicas}/{self.max_replicas}")
-        if self.look_back_period_s <= self.metrics_interval_s:
-            raise ValueError("autoscaling.look_back_period_s must exceed autoscaling.metrics_interval_s")
-
-
-@dataclass(frozen=True, kw_only=True)
-class ServeArgs:
-    model: str  # checkpoint dir or s3:// URI (self-describing: config + weights + tokenizer)
-    model_id: str | None = None  # name clients send as "model"; default: the checkpoint's model_id
-    # auto = vllm when vLLM runs the model on this machine (pipelines.serve.engine.vllm_unsupported), else hf,
-    # the plain-PyTorch Predictor (the reference path). Resolved once, in build_app.
-    engine: Literal["auto", "vllm", "hf"] = "auto"
-    enforce_eager: bool = True  # vllm: no torch.compile (starts in ~20 s instead of ~55 s on 2 cores)
-    max_num_seqs: int = 16  # vllm: sequences decoded together per engine step
-    tensor_parallel_size: int = 1  # vllm: GPUs per engine (13B+); give the replica as many num_gpus
-    max_n: int = 8  # choices per request (vllm)
-    device: str = "cpu"
-    dtype: str | None = None  # default: the checkpoint's dtype
-    # visual tokens fed: global / local / both; default the model's own (a converted DC release: global)
-    mode: Literal["global", "local", "both"] | None = None
-    num_cpus: float = 0.5
-    num_gpus: float = 0.0
-    autoscaling: AutoscalingArgs = field(default_factory=AutoscalingArgs)
-    max_ongoing_requests: int = 16  # per replica; Serve's default 5 would silently cap batches at 5
-    max_batch_size: int = 8
-    batch_wait_timeout_s: float = 0.02
-    max_surge_percent: int = 100  # rolling updates start replacements before stopping old replicas
-    max_images_per_request: int = 1  # the model takes one image per conversation
-    max_image_pixels: int = 16_000_000
-    max_image_bytes: int = 20_000_000
-    max_prompt_tokens: int | None = None  # prompt incl. visual tokens; default: the model's max_length
-    max_tokens: int = 1024  # cap on a request's max_tokens
-    allowed_url_schemes: tuple[str, ...] = ("data",)  # add http/https/s3 deliberately (server-side fetches)
-    api_key: str | None = None  # default: env SLIME_API_KEY; unset = no auth
-
-    def __post_init__(self) -> None:
-        if not self.model:
-            raise ValueError("model must be a checkpoint path or s3:// URI")
-        if self.max_batch_size < 1:
-            raise ValueError(f"max_batch_size must be >= 1, got {self.max_batch_size}")
-        if self.max_ongoing_requests < self.max_batch_size:
-            raise ValueError(f"max_ongoing_requests ({self.max_ongoing_requests}) must be >= max_batch_size "
-                             f"({self.max_batch_size}), or batches never fill")
-        if self.max_ongoing_requests <= self.autoscaling.target_ongoing_requests:
-            raise ValueError("max_ongoing_requests must exceed autoscaling.target_ongoing_requests")
-        if not 0 <= self.max_images_per_request <= 1:
-            raise ValueError(f"max_images_per_request must be 0 or 1, got {self.max_images_per_request}")
-        bad = sorted(set(self.allowed_url_schemes) - set(oai.URL_SCHEMES))
-        if bad:
-            raise ValueError(f"allowed_url_schemes: {bad} not in {list(oai.URL_SCHEMES)}")
-        if self.num_cpus <= 0 and self.num_gpus <= 0:
-            raise ValueError("num_cpus or num_gpus must be > 0")
-
-    def limits(self) -> oai.Limits:
-        return oai.Limits(max_images_per_request=self.max_images_per_request, max_image_pixels=self.max_image_pixels,
-                          max_image_bytes=self.max_image_bytes, max_tokens=self.max_tokens,
-                          allowed_url_schemes=tuple(self.allowed_url_schemes), max_n=self.max_n)
 
 
 # --------------------------------------------------------------------------- FastAPI app + error bodies
 
 api = FastAPI(title="slime-ray", docs_url=None, redoc_url=None)
-
-
-def _error(e: InputError) -> JSONResponse:
-    headers = {"WWW-Authenticate": "Bearer"} if e.status == 401 else None
-    return JSONResponse(e.as_openai(), status_code=e.status, headers=headers)
-
-
-@api.exception_handler(RequestValidationError)
-async def _on_validation(request: Request, exc: RequestValidationError) -> JSONResponse:
-    return _error(oai.validation_error(list(exc.errors())))
-
-
-@api.exception_handler(InputError)
-async def _on_input(request: Request, exc: InputError) -> JSONResponse:
-    return _error(exc)
-
-
-@api.exception_handler(HTTPException)
-async def _on_http(request: Request, exc: HTTPException) -> JSONResponse:  # 404/405 in the same shape
-    return JSONResponse(oai.error_body(str(exc.detail), code=str(exc.status_code)), status_code=exc.status_code)
-
-
-def authorize(request: Request, key: str | None) -> None:
-    """Bearer-token check (constant-time); no key configured = no auth."""
-    if not key:
-        return
-    header = request.headers.get("authorization", "")
-    scheme, _, given = header.partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key.encode()):
-        raise InputError("missing or invalid API key (send Authorization: Bearer <key>)", code="invalid_api_key",
-                         status=401)
+install_error_handlers(api)
 
 
 @serve.deployment(name="SlimeServer", health_check_period_s=5)
@@ -168,8 +62,8 @@ class SlimeServer:
         a = self.args
         limits = PredictorLimits(max_images=a.max_images_per_request, max_image_pixels=a.max_image_pixels,
                                  max_prompt_tokens=a.max_prompt_tokens, max_new_tokens=a.max_tokens)
-        self.predictor = Predictor.load(a.model, device=a.device, dtype=a.dtype, model_id=a.model_id, limits=limits,
-                                        mode=a.mode)
+        self.predictor = Predictor.load(a.model, device=a.device, dtype=a.dtype, limits=limits, mode=a.mode,
+                                        model_id=a.model_id or default_model_id(a.model, local_copy(a.model)))
         self.model_id = self.predictor.model_id
         self.fingerprint = "fp_" + hashlib.sha256(a.model.encode()).hexdigest()[:12]
         # Model calls run in threads so the event loop stays free for health checks, batching and
@@ -231,7 +125,10 @@ class SlimeServer:
             return JSONResponse(oai.completion_body(oai.new_id(), self.model_id, result, self.fingerprint))
         except InputError as e:
             status = e.status
-            return _error(e)
+            return error_response(e)
+        except Exception as e:  # anything unexpected: an OpenAI-style 500, the replica stays up
+            logger.exception("chat completion failed")
+            return server_error(e)
         finally:
             self.m_requests.inc(tags={"status": str(status)})
             self.m_latency.observe(time.perf_counter() - start)
@@ -334,6 +231,7 @@ def build_app(args: ServeArgs | dict) -> Application:
     from pipelines.serve.engine import resolve_engine
 
     replica_args["engine"] = resolve_engine(args.engine, args.model)
+    check_engine_settings(args, replica_args["engine"])
     if replica_args["engine"] == "vllm":
         from pipelines.serve.vllm_app import VllmServer
 

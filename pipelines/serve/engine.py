@@ -147,7 +147,7 @@ class VllmChat:
     def __init__(self, uri: str, *, limits: PredictorLimits | None = None, mode: VisualMode | None = None) -> None:
         from transformers import AutoTokenizer
 
-        local = Path(local_copy(str(uri))).resolve()
+        local = self.local_dir = Path(local_copy(str(uri))).resolve()
         self.cfg = load_config(local)
         self.tokenizer = AutoTokenizer.from_pretrained(str(local / "tokenizer"))
         self.encoder = ChatEncoder(self.cfg, self.tokenizer, limits=limits, mode=mode)
@@ -182,7 +182,7 @@ class VllmChat:
         return ids[:-1] if ids and ids[-1] in self.encoder.eos_ids else ids
 
     def result(self, completion, info: dict, latency_s: float = 0.0) -> ChatResult:
-        finish = "stop" if completion.finish_reason == "stop" else "length"
+        finish = completion.finish_reason or "length"  # vLLM's own: stop, length or abort
         return ChatResult(text=completion.text, finish_reason=finish, prompt_tokens=info["prompt_tokens"],
                           completion_tokens=len(self.completion_ids(completion.token_ids)),
                           visual_tokens=info["visual_tokens"], latency_s=latency_s)

@@ -5,6 +5,10 @@ Everything the caller gets wrong becomes a ``slime.errors.InputError`` (message,
 and leaves as ``{"error": {"message", "type": "invalid_request_error", "param", "code"}}`` — never a
 500. The request is parsed by hand from bytes (not by a FastAPI body parameter) so the API key is
 checked before the body and the body's size is capped before it is decoded.
+
+Defaults that differ from OpenAI's: ``temperature`` 0 (greedy, reproducible answers; OpenAI's is 1.0) and
+``max_tokens`` ``Limits.default_max_tokens``. Finish reasons are the engine's own (``stop``, ``length``,
+and ``abort`` when vLLM aborted the request).
 """
 
 from __future__ import annotations
@@ -185,6 +189,11 @@ def to_chat(req: ChatCompletionRequest, limits: Limits) -> ParsedChat:
         raise InputError(f"n must be between 1 and {limits.max_n}, got {n}", param="n", code="invalid_value")
     if n > 1 and req.stream:
         raise InputError("n > 1 is not supported with stream=true", param="n", code="unsupported_value")
+    if n > 1 and not req.temperature:
+        # This server decodes greedily unless asked (temperature defaults to 0, not OpenAI's 1.0): n greedy
+        # choices would be n copies of one answer, which vLLM refuses.
+        raise InputError(f"n={n} needs temperature > 0 (the default temperature here is 0: greedy decoding)",
+                         param="n", code="invalid_value")
     if req.top_logprobs is not None and not req.logprobs:
         raise InputError("top_logprobs needs logprobs=true", param="top_logprobs", code="invalid_value")
     fmt = None

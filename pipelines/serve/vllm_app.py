@@ -23,14 +23,13 @@ import uuid
 from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
-from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
 from ray.serve.metrics import Counter, Histogram
-from starlette.exceptions import HTTPException
 
 from pipelines.serve import openai as oai
-from pipelines.serve.app import ServeArgs, _error, _on_http, _on_input, _on_validation, authorize
+from pipelines.serve.ingress import (ServeArgs, authorize, default_model_id, error_response, install_error_handlers,
+                                     server_error)
 from slime.config import from_dict
 from slime.errors import InputError
 from slime.predictor import ChatRequest, ChatResult, PredictorLimits
@@ -38,9 +37,7 @@ from slime.predictor import ChatRequest, ChatResult, PredictorLimits
 logger = logging.getLogger("ray.serve")
 
 api = FastAPI(title="slime-ray (vLLM)", docs_url=None, redoc_url=None)
-api.add_exception_handler(RequestValidationError, _on_validation)
-api.add_exception_handler(InputError, _on_input)
-api.add_exception_handler(HTTPException, _on_http)
+install_error_handlers(api)
 
 
 @dataclass
@@ -81,7 +78,7 @@ class VllmServer:
         limits = PredictorLimits(max_images=a.max_images_per_request, max_image_pixels=a.max_image_pixels,
                                  max_prompt_tokens=a.max_prompt_tokens, max_new_tokens=a.max_tokens)
         self.chat = VllmChat(a.model, limits=limits, mode=a.mode)
-        self.model_id = a.model_id or a.model.rstrip("/").rsplit("/", 1)[-1]
+        self.model_id = a.model_id or default_model_id(a.model, self.chat.local_dir)
         self.fingerprint = "fp_" + hashlib.sha256(a.model.encode()).hexdigest()[:12]
         self.m_requests = Counter("slime_requests", "chat requests by HTTP status", tag_keys=("status",))
         self.m_latency = Histogram("slime_request_latency_s", "chat request latency (s)",
@@ -89,6 +86,7 @@ class VllmServer:
         self.m_visual = Counter("slime_visual_tokens", "visual tokens processed")
         start = time.perf_counter()
         self.engine = async_engine(a.model, visual_mode=a.mode, enforce_eager=a.enforce_eager, max_num_seqs=a.max_num_seqs,
+                                   **({"dtype": a.dtype} if a.dtype else {}),
                                    tensor_parallel_size=a.tensor_parallel_size)
         # Warm-up: /healthz turns 200 only after one real generation (lazy init paid here).
         await self._final(ChatRequest(messages=[{"role": "user", "content": "hi"}], max_tokens=1), 1, None, None)
@@ -138,7 +136,10 @@ class VllmServer:
             return JSONResponse(oai.completion_body(oai.new_id(), self.model_id, usage, self.fingerprint, choices))
         except InputError as e:
             status = e.status
-            return _error(e)
+            return error_response(e)
+        except Exception as e:  # anything unexpected: an OpenAI-style 500, the replica stays up
+            logger.exception("chat completion failed")
+            return server_error(e)
         finally:
             self.m_requests.inc(tags={"status": str(status)})
             self.m_latency.observe(time.perf_counter() - start)
@@ -157,7 +158,10 @@ class VllmServer:
             kind, schema = response_format
             extra["structured_outputs"] = (StructuredOutputsParams(json=schema) if kind == "json_schema"
                                            else StructuredOutputsParams(json_object=True))
-        params = self.chat.sampling_params(req, info, **extra)
+        try:
+            params = self.chat.sampling_params(req, info, **extra)
+        except ValueError as e:  # vLLM's own checks on the combination of sampling settings
+            raise InputError(f"the engine rejected the sampling settings: {e}", code="invalid_value") from None
         return self.engine.generate(prompt, params, request_id=uuid.uuid4().hex), info
 
     async def _final(self, req, n, logprobs, response_format) -> tuple[ChatResult, list[Choice]]:
@@ -206,7 +210,7 @@ class VllmServer:
                     if c.text or lp:
                         yield chunk({"content": c.text}, None, lp)
                     if c.finish_reason is not None:
-                        finish = "stop" if c.finish_reason == "stop" else "length"
+                        finish = c.finish_reason  # vLLM's own: stop, length or abort
                     out = await outputs.__anext__() if not out.finished else None
                 yield chunk({}, finish)
                 if include_usage:
