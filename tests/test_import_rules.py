@@ -170,3 +170,39 @@ def test_the_manifests_import_path_still_names_the_builder():
     from pipelines.serve.app import build_app
 
     assert importlib.import_module("pipelines.serve").build_app is build_app
+
+
+def import_graph(roots: tuple[str, ...] = ("pipelines", "slime", "jobs")) -> dict[str, set[str]]:
+    """Module -> project modules it imports (at any depth). ``from pkg import sub`` is an edge to ``pkg.sub``,
+    not to ``pkg``: importing a submodule is not a dependency on its package's ``__init__``."""
+    paths = {p: ".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__")
+             for root in roots for p in (ROOT / root).rglob("*.py")}
+    known = set(paths.values())
+    graph = {}
+    for path, name in paths.items():
+        deps = set()
+        for node in ast.walk(ast.parse(path.read_text(), filename=str(path))):
+            if isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                subs = {f"{node.module}.{a.name}" for a in node.names} & known
+                deps |= subs or {node.module}
+        graph[name] = {d for d in deps if d in known and d != name}
+    return graph
+
+
+def test_no_import_circles():
+    """Two modules that import each other (even lazily, inside a function) are one thing cut in two."""
+    graph = import_graph()
+    circles = []
+
+    def walk(start: str, node: str, path: list[str]) -> None:
+        for nxt in graph[node]:
+            if nxt == start:
+                circles.append(" -> ".join(path + [start]))
+            elif nxt not in path and len(path) < 5:
+                walk(start, nxt, path + [nxt])
+
+    for module in graph:
+        walk(module, module, [module])
+    assert not circles, circles[:5]

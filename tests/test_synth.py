@@ -13,7 +13,8 @@ from PIL import Image, ImageFont
 
 from jobs import synth as synth_job
 from pipelines import storage
-from pipelines.data.synth import COLORS, SynthConfig, _font, generate, render_image
+from pipelines.data.drawing import font
+from pipelines.data.synth import COLORS, SynthConfig, generate, render_image
 
 
 def _cfg(out, **kw) -> SynthConfig:
@@ -111,7 +112,7 @@ def test_writes_to_s3(s3_bucket):
 
 
 def test_font_works_offline():
-    assert isinstance(_font(12), ImageFont.FreeTypeFont)
+    assert isinstance(font(12), ImageFont.FreeTypeFont)
 
 
 def test_job_entry_point(tmp_path, capsys):

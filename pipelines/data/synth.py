@@ -24,7 +24,6 @@ from __future__ import annotations
 import contextlib
 import io
 import json
-import math
 import multiprocessing as mp
 import random
 import time
@@ -32,10 +31,12 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Literal
 
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 from tqdm import tqdm
 
 from pipelines import storage
+from pipelines.data.drawing import draw_shape, font
+from pipelines.data.synth_tasks import LOCAL_TASKS, TASKS, fidelity_caption, fidelity_questions, render_fidelity_image
 from pipelines.storage import StorageConfig
 
 # Named colours: RGB of a shape / mark, and a light tint of the same name for backgrounds.
@@ -81,35 +82,12 @@ class SynthConfig:
         if self.workers < 1:
             raise ValueError(f"workers must be >= 1, got {self.workers}")
         if self.kind == "fidelity":
-            from pipelines.data.synth_tasks import TASKS  # noqa: PLC0415 (synth_tasks imports this module)
 
             unknown = [t for t in self.tasks if t not in TASKS]
             if unknown:
                 raise ValueError(f"tasks: {unknown[0]!r} is not one of {list(TASKS)}")
             if self.tile < 28:
                 raise ValueError(f"tile must be >= 28, got {self.tile}")
-
-
-def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
-    try:
-        return ImageFont.load_default(size=size)  # bundled Aileron TTF; needs FreeType, no download
-    except (ImportError, OSError, TypeError):
-        return ImageFont.load_default()  # bitmap fallback: fixed ~11 px glyphs
-
-
-def _draw_shape(draw: ImageDraw.ImageDraw, shape: str, box: tuple[int, int, int, int], fill) -> None:
-    x0, y0, x1, y1 = box
-    if shape == "circle":
-        draw.ellipse(box, fill=fill)
-    elif shape == "square":
-        draw.rectangle(box, fill=fill)
-    elif shape == "triangle":
-        draw.polygon([((x0 + x1) // 2, y0), (x1, y1), (x0, y1)], fill=fill)
-    else:  # five-pointed star: 10 vertices alternating outer and inner radius
-        cx, cy, r = (x0 + x1) / 2, (y0 + y1) / 2, (x1 - x0) / 2
-        pts = [(cx + (r if k % 2 == 0 else r * 0.45) * math.sin(k * math.pi / 5),
-                cy - (r if k % 2 == 0 else r * 0.45) * math.cos(k * math.pi / 5)) for k in range(10)]
-        draw.polygon(pts, fill=fill)
 
 
 class _Placer:
@@ -155,12 +133,12 @@ def render_image(rng: random.Random, cfg: SynthConfig) -> tuple[Image.Image, dic
 
     type_px = max(10, round(short * cfg.detail_scale))
     code = rng.choice(CODE_LETTERS) + rng.choice(DIGITS) + rng.choice(CODE_LETTERS)
-    font = _font(type_px)
-    left, top, right, bottom = draw.textbbox((0, 0), code, font=font)
+    face = font(type_px)
+    left, top, right, bottom = draw.textbbox((0, 0), code, font=face)
     pad = max(2, type_px // 4)
     bx = placer.place(right - left + 2 * pad, bottom - top + 2 * pad, inset=short // 8)
     draw.rectangle(bx, fill=COLORS["white"], outline=COLORS["black"], width=max(1, type_px // 10))
-    draw.text((bx[0] + pad - left, bx[1] + pad - top), code, fill=COLORS["black"], font=font)
+    draw.text((bx[0] + pad - left, bx[1] + pad - top), code, fill=COLORS["black"], font=face)
 
     mark_px = max(10, round(type_px * 1.5))
     corner = rng.choice(CORNERS)
@@ -171,7 +149,7 @@ def render_image(rng: random.Random, cfg: SynthConfig) -> tuple[Image.Image, dic
     y0 = m if corner.startswith("top") else height - m - mark_px
     mark_box = (x0, y0, x0 + mark_px, y0 + mark_px)
     placer.boxes.append(mark_box)
-    _draw_shape(draw, corner_shape, mark_box, COLORS[corner_color])
+    draw_shape(draw, corner_shape, mark_box, COLORS[corner_color])
 
     dot_color = rng.choice([c for c in COLORS if c not in (bg, large_color, corner_color, "white")])
     num_dots = rng.randint(1, 6)
@@ -226,7 +204,6 @@ def records_for(name: str, image: str, facts: dict, rng: random.Random, cfg: Syn
 
 
 def fidelity_records(name: str, image: str, facts: dict, cfg: SynthConfig) -> list[dict]:
-    from pipelines.data.synth_tasks import TASKS, fidelity_caption, fidelity_questions  # noqa: PLC0415
 
     qs = fidelity_questions(facts, cfg.tasks or TASKS)
     out = [_record(f"{name}-{t}", image, q, a, qtype, t) for t, (qtype, q, a) in qs.items()]
@@ -249,7 +226,6 @@ def _make_image(cfg: SynthConfig, i: int) -> tuple[list[dict], int]:
     """Render, encode and write image ``i`` (its pixels depend on (seed, i) only); its records and byte count."""
     rng = random.Random(f"{cfg.seed}:{i}")  # str seeds hash with sha512: stable across processes
     if cfg.kind == "fidelity":
-        from pipelines.data.synth_tasks import LOCAL_TASKS, render_fidelity_image  # noqa: PLC0415
 
         details = tuple(t for t in cfg.tasks if t in LOCAL_TASKS) or LOCAL_TASKS
         img, facts = render_fidelity_image(rng, cfg.tile, details)

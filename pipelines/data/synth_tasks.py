@@ -44,7 +44,7 @@ import random
 import numpy as np
 from PIL import Image, ImageDraw
 
-from pipelines.data.synth import _draw_shape, _font
+from pipelines.data.drawing import draw_shape, font
 
 PAIRS: dict[str, tuple[tuple[int, int, int], tuple[int, int, int]]] = {
     "red-cyan": ((255, 0, 0), (0, 255, 255)), "green-magenta": ((0, 255, 0), (255, 0, 255)),
@@ -103,10 +103,10 @@ def _in_column(rng: random.Random, boxes: list, col: int, tile: int, w: int, h: 
 def _print_cover(digit: str, cell: int, type_px: int, cols: int, rows: int) -> np.ndarray:
     """[rows*cell, cols*cell] glyph coverage in [0, 1]: ``digit`` centred in every cell."""
     mask = Image.new("L", (cols * cell, rows * cell), 0)
-    draw, font = ImageDraw.Draw(mask), _font(type_px)
+    draw, face = ImageDraw.Draw(mask), font(type_px)
     for r in range(rows):
         for c in range(cols):
-            draw.text((c * cell + cell / 2, r * cell + cell / 2), digit, fill=255, font=font, anchor="mm")
+            draw.text((c * cell + cell / 2, r * cell + cell / 2), digit, fill=255, font=face, anchor="mm")
     return np.asarray(mask, np.float32) / 255.0
 
 
@@ -144,7 +144,7 @@ def render_fidelity_image(rng: random.Random, tile: int = 112,
     img = Image.fromarray(np.clip(canvas, 0, 255).round().astype(np.uint8), "RGB")
     draw = ImageDraw.Draw(img)
     big_color, big_shape = rng.choice(tuple(BIG_COLORS)), rng.choice(BIG_SHAPES)
-    _draw_shape(draw, big_shape, big_box, BIG_COLORS[big_color])
+    draw_shape(draw, big_shape, big_box, BIG_COLORS[big_color])
     if detail == "fine_print":
         digit = rng.choice(PRINT_DIGITS)
         # Fine print on the crops' patch grid: one 9 px glyph centred in each 14 px tower patch (at tile 112),
