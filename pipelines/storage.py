@@ -144,25 +144,3 @@ def copy_dir(src: str, dst: str, storage_cfg: StorageConfig | None = None) -> li
                 src_fs.get_file(s, local)
                 upload_file(local, d, storage_cfg)
     return rels
-
-
-def download_dir(uri: str, local_cache_dir: str, storage_cfg: StorageConfig | None = None) -> str:
-    """A local directory holding the contents of ``uri``. Local URIs are returned as they are; S3
-    prefixes are mirrored under ``local_cache_dir/<bucket>/<key>``, skipping files already present
-    with the same size (a re-download after a crash resumes instead of starting over)."""
-    if not is_s3(uri):
-        return os.path.abspath(os.path.expanduser(uri))
-    fs, path = filesystem(uri, storage_cfg)
-    dest = os.path.join(os.path.abspath(local_cache_dir), *path.split("/"))
-    rels = _files_under(fs, path)
-    if not rels:
-        raise FileNotFoundError(f"download_dir: nothing under {uri}")
-    for rel, size in rels.items():
-        local = os.path.join(dest, *rel.split("/"))
-        if os.path.exists(local) and os.path.getsize(local) == size:
-            continue
-        os.makedirs(os.path.dirname(local), exist_ok=True)
-        tmp = f"{local}.{uuid.uuid4().hex[:12]}.part"  # unique: several actors/threads may download at once
-        fs.get_file(posixpath.join(path, rel), tmp)
-        os.replace(tmp, local)
-    return dest

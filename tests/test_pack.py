@@ -17,6 +17,7 @@ from PIL import Image
 from jobs import pack as pack_job
 from pipelines import storage
 from pipelines.data.pack import PackConfig, pack, read_manifest, shard_uris
+from slime.storage import local_copy
 
 CONFIGS = os.path.join(os.path.dirname(__file__), "..", "jobs", "configs")
 
@@ -171,7 +172,7 @@ def test_pack_s3_to_s3(raw, s3_bucket, tmp_path):
     manifest = read_manifest(out)
     assert manifest["num_samples"] == 7 and len(manifest["shards"]) == 1
     assert manifest["sources"][0]["path"] == f"{src}/data.json"
-    local = storage.download_dir(out, str(tmp_path / "cache"))
+    local = local_copy(out, str(tmp_path / "cache"))
     assert sorted(os.listdir(local)) == ["ids-000001.txt", "manifest.json", "rejects.jsonl", "shard-000001-000000.tar"]
     assert set(_read_back([os.path.join(local, s["name"]) for s in manifest["shards"]])) == {
         "a", "b", "c", "d", "e", "f", "text-only"}

@@ -8,6 +8,7 @@ import pytest
 
 from pipelines import storage
 from pipelines.storage import StorageConfig
+from slime.storage import local_copy
 
 
 def _roundtrip(root: str, tmp_path) -> None:
@@ -30,7 +31,7 @@ def _roundtrip(root: str, tmp_path) -> None:
     back = tmp_path / "back"
     storage.copy_dir(storage.join(root, "copy"), str(back))
     assert (back / "sub" / "y.bin").read_bytes() == (local / "sub" / "y.bin").read_bytes()
-    cached = storage.download_dir(storage.join(root, "copy"), str(tmp_path / "cache"))
+    cached = local_copy(storage.join(root, "copy"), str(tmp_path / "cache"))
     assert open(os.path.join(cached, "sub", "y.bin"), "rb").read() == (local / "sub" / "y.bin").read_bytes()
 
 
@@ -38,7 +39,8 @@ def test_local(tmp_path):
     _roundtrip(str(tmp_path / "store"), tmp_path)
     d = tmp_path / "store" / "a"
     assert sorted(os.listdir(d)) == ["b.bin", "c.txt"]  # no temp files left behind
-    assert storage.download_dir(str(d), str(tmp_path / "unused")) == str(d)  # local: no copy
+    assert local_copy(str(d), str(tmp_path / "unused")) == str(d)  # local: no copy
+    assert not (tmp_path / "unused").exists()
 
 
 def test_s3(s3_bucket, moto_s3, tmp_path):
@@ -46,12 +48,11 @@ def test_s3(s3_bucket, moto_s3, tmp_path):
     fs, path = storage.filesystem(f"s3://{s3_bucket}/p/")
     assert path == f"{s3_bucket}/p" and type(fs).__name__ == "S3FileSystem"
     _roundtrip(f"s3://{s3_bucket}/root", tmp_path)
-    # A second download only fetches what changed (same-size files are kept).
-    cache = tmp_path / "cache"
-    target = storage.download_dir(f"s3://{s3_bucket}/root/copy", str(cache))
-    assert target == str(cache / s3_bucket / "root" / "copy")
+    # Unchanged content: the finished copy is reused as it is (with the pipelines' configured filesystem too).
+    uri = f"s3://{s3_bucket}/root/copy"
+    target = local_copy(uri, str(tmp_path / "cache"))
     os.utime(os.path.join(target, "x.txt"), (0, 0))
-    storage.download_dir(f"s3://{s3_bucket}/root/copy", str(cache))
+    assert local_copy(uri, str(tmp_path / "cache"), fs=storage.filesystem(uri)[0]) == target
     assert os.stat(os.path.join(target, "x.txt")).st_mtime == 0
 
 

@@ -27,7 +27,6 @@ import json
 import logging
 import os
 import tarfile
-import tempfile
 from collections import Counter
 
 import numpy as np
@@ -159,8 +158,9 @@ def sample_hash(key: str) -> int:
 
 
 def _local_model_dir(model: str, storage_cfg: StorageConfig | None) -> str:
-    cache = os.path.join(os.environ.get("SLIME_CACHE", os.path.join(tempfile.gettempdir(), "slime-cache")), "models")
-    return storage.download_dir(model, cache, storage_cfg)  # per-file atomic: concurrent actors are safe
+    from slime.storage import local_copy  # the one model cache: keyed by content, safe for concurrent actors
+
+    return local_copy(model, fs=storage.filesystem(model, storage_cfg)[0] if storage.is_s3(model) else None)
 
 
 def load_vision(model_dir: str, cfg, device: str):

@@ -16,6 +16,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
 
 from slime.checkpoint import architecture_config, load_config
@@ -33,7 +35,9 @@ os.environ.setdefault("VLLM_CONFIGURE_LOGGING", "0")
 def model_dir(uri: str, visual_mode: VisualMode | None = None, cache_root: str | None = None) -> Path:
     """A local directory vLLM can open for the checkpoint at ``uri``: ``config.json`` (a
     ``SlimeVllmConfig``) next to a link to the checkpoint's ``model.safetensors``. The checkpoint itself
-    is never written to; the view lives under ``cache_root`` keyed by checkpoint path and mode.
+    is never written to; the view lives under ``cache_root`` keyed by the config and by the files it links
+    (path, size, mtime): an s3:// model's copy has a new path per content (``local_copy``), a local model
+    re-exported in place has new files, so neither is served through a stale view.
 
     vLLM's CPU attention kernels take head sizes 32, 64, 80, ... only: the test-sized ``tiny`` preset
     (head size 16) runs on the HF Predictor alone; tests build vLLM models with 2 heads of 32."""
@@ -53,22 +57,23 @@ def model_dir(uri: str, visual_mode: VisualMode | None = None, cache_root: str |
               "image_token_id": meta["image_token_id"], "separator_id": meta["separator_id"],
               "visual_mode": visual_mode or cfg.visual_mode, "dtype": cfg.dtype}
     body = json.dumps(config, sort_keys=True, default=str)
-    stamp = (local / "model.safetensors").stat().st_mtime_ns
-    key = hashlib.sha256(f"{local}|{stamp}|{body}".encode()).hexdigest()[:16]
+    # Links to the weights and the tokenizer files: vLLM opens one directory for all three.
+    linked = [local / "model.safetensors", *sorted((local / "tokenizer").iterdir())]
+    stamps = [(str(p), p.stat().st_size, p.stat().st_mtime_ns) for p in linked]
+    key = hashlib.sha256(json.dumps([stamps, body]).encode()).hexdigest()[:16]
     root = Path(cache_root or os.environ.get("SLIME_VLLM_CACHE", Path.home() / ".cache" / "slime" / "vllm"))
     out = root / key
     if not (out / "config.json").exists():
-        tmp = root / f".{key}.tmp{os.getpid()}"
-        tmp.mkdir(parents=True, exist_ok=True)
-        # Links to the weights and the tokenizer files: vLLM opens one directory for all three.
-        for src in [local / "model.safetensors", *sorted((local / "tokenizer").iterdir())]:
-            (tmp / src.name).unlink(missing_ok=True)
+        root.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key}.", dir=root))  # per call: threads share a pid
+        for src in linked:
             (tmp / src.name).symlink_to(src)
         (tmp / "config.json").write_text(body)
+        tmp.chmod(0o755)
         try:
             tmp.rename(out)
         except OSError:  # another process won the race: its view is identical
-            pass
+            shutil.rmtree(tmp)
     return out
 
 
