@@ -47,11 +47,19 @@ class ChatResult:
 
 
 @dataclass(frozen=True, kw_only=True)
-class PredictorLimits:
+class RequestLimits:
+    """What one request may ask for: the one limits record of every engine and of the HTTP layer
+    (``pipelines.serve.openai`` reads the wire-format fields, ``ChatEncoder`` the model-side ones)."""
+
     max_images: int = 1  # SliME is a single-image model
-    max_image_pixels: int = 40_000_000
-    max_prompt_tokens: int | None = None  # default: the model's max_length
-    max_new_tokens: int = 1024
+    max_image_pixels: int = 16_000_000
+    max_image_bytes: int = 20_000_000
+    max_request_bytes: int = 32_000_000
+    max_prompt_tokens: int | None = None  # incl. visual tokens; default: the model's max_length
+    max_new_tokens: int = 1024  # cap on a request's max_tokens / max_completion_tokens
+    default_max_tokens: int = 64  # when a request names none
+    allowed_url_schemes: tuple[str, ...] = ("data",)  # http/https/s3 only deliberately (server-side fetches)
+    max_n: int = 8  # choices per request
 
 
 class ChatEncoder:
@@ -59,11 +67,11 @@ class ChatEncoder:
     Every engine (this HF Predictor, the vLLM engine in ``pipelines.serve.engine``) encodes through it, so
     they cannot disagree on what a request means."""
 
-    def __init__(self, cfg, tokenizer, *, limits: PredictorLimits | None = None,
+    def __init__(self, cfg, tokenizer, *, limits: RequestLimits | None = None,
                  mode: VisualMode | None = None) -> None:
         # the model's own visual mode unless the caller says otherwise (a converted DC release: "global")
         self.cfg, self.tokenizer, self.mode = cfg, tokenizer, mode or cfg.visual_mode
-        self.limits = limits or PredictorLimits()
+        self.limits = limits or RequestLimits()
         self.processor = SlimeProcessor(cfg, tokenizer)
         self.stops = tuple(stop_strings(cfg.template))
         self.eos_ids = {i for s in self.stops if (i := tokenizer.convert_tokens_to_ids(s)) is not None
@@ -130,7 +138,7 @@ class ChatEncoder:
 
 
 class Predictor:
-    def __init__(self, model, tokenizer, *, model_id: str = "slime", limits: PredictorLimits | None = None,
+    def __init__(self, model, tokenizer, *, model_id: str = "slime", limits: RequestLimits | None = None,
                  mode: VisualMode | None = None) -> None:
         self.model = model.eval()
         self.mode = mode or model.cfg.visual_mode  # which visual tokens are fed (default: the model's own)
@@ -145,7 +153,7 @@ class Predictor:
 
     @classmethod
     def load(cls, path: str, device: str = "cpu", dtype: str | None = None, model_id: str | None = None,
-             limits: PredictorLimits | None = None, mode: VisualMode | None = None) -> Predictor:
+             limits: RequestLimits | None = None, mode: VisualMode | None = None) -> Predictor:
         from slime.checkpoint import load_pretrained
 
         model, tokenizer = load_pretrained(path, device=device, dtype=dtype)

@@ -11,8 +11,9 @@ from PIL import Image
 
 from pipelines.serve import openai as oai
 from slime.errors import InputError
+from slime.predictor import RequestLimits
 
-LIMITS = oai.Limits(max_images_per_request=1, max_image_pixels=200 * 200, max_tokens=128)
+LIMITS = RequestLimits(max_images=1, max_image_pixels=200 * 200, max_new_tokens=128)
 
 
 def png_url(w: int = 64, h: int = 48) -> str:
@@ -21,12 +22,12 @@ def png_url(w: int = 64, h: int = 48) -> str:
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def parse(body: dict | bytes, limits: oai.Limits = LIMITS) -> oai.ParsedChat:
+def parse(body: dict | bytes, limits: RequestLimits = LIMITS) -> oai.ParsedChat:
     raw = body if isinstance(body, bytes) else json.dumps(body).encode()
     return oai.to_chat(oai.parse_body(raw, limits), limits)
 
 
-def err(body: dict | bytes, limits: oai.Limits = LIMITS) -> InputError:
+def err(body: dict | bytes, limits: RequestLimits = LIMITS) -> InputError:
     with pytest.raises(InputError) as info:
         parse(body, limits)
     return info.value
@@ -120,7 +121,7 @@ def test_engine_options():
 
 
 def test_request_size_cap_is_413():
-    e = err(b"{}" + b" " * 100, oai.Limits(max_request_bytes=50))
+    e = err(b"{}" + b" " * 100, RequestLimits(max_request_bytes=50))
     assert (e.status, e.code) == (413, "request_too_large")
 
 
@@ -150,7 +151,7 @@ def test_truncated_png_is_400_not_a_crash():
 
 
 def test_allow_listed_scheme_fetch_failure_is_400():
-    limits = oai.Limits(allowed_url_schemes=("data", "http"))
+    limits = RequestLimits(allowed_url_schemes=("data", "http"))
     parse(user(image("http://127.0.0.1:9/x.png")), limits)  # scheme now accepted by the parser
     with pytest.raises(InputError) as info:
         oai.load_image("http://127.0.0.1:9/x.png", limits, "p")  # nothing listens on port 9

@@ -40,7 +40,7 @@ from pipelines.serve.ingress import (AutoscalingArgs, ServeArgs, authorize, chec
                                      default_model_id, error_response, install_error_handlers, server_error)
 from slime.config import from_dict
 from slime.errors import InputError
-from slime.predictor import ChatRequest, Predictor, PredictorLimits
+from slime.predictor import ChatRequest, Predictor
 from slime.storage import local_copy
 
 logger = logging.getLogger("ray.serve")
@@ -60,8 +60,7 @@ class SlimeServer:
         self.args = from_dict(ServeArgs, args)
         self.limits = self.args.limits()
         a = self.args
-        limits = PredictorLimits(max_images=a.max_images_per_request, max_image_pixels=a.max_image_pixels,
-                                 max_prompt_tokens=a.max_prompt_tokens, max_new_tokens=a.max_tokens)
+        limits = self.limits  # one record: the HTTP layer and the encoder check the same numbers
         self.predictor = Predictor.load(a.model, device=a.device, dtype=a.dtype, limits=limits, mode=a.mode,
                                         model_id=a.model_id or default_model_id(a.model, local_copy(a.model)))
         self.model_id = self.predictor.model_id

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from slime.checkpoint import architecture_config, load_config
 from slime.config import VisualMode
-from slime.predictor import ChatEncoder, ChatRequest, ChatResult, PredictorLimits
+from slime.predictor import ChatEncoder, ChatRequest, ChatResult, RequestLimits
 from slime.storage import local_copy
 
 # Before vLLM is imported in this process or a child: on a 2-core machine vLLM's CPU backend would
@@ -149,7 +149,7 @@ def engine_kwargs(uri: str, *, visual_mode: VisualMode | None = None, enforce_ea
 class VllmChat:
     """Request side of the engine: encode with the Predictor's ``ChatEncoder``, decode vLLM outputs."""
 
-    def __init__(self, uri: str, *, limits: PredictorLimits | None = None, mode: VisualMode | None = None) -> None:
+    def __init__(self, uri: str, *, limits: RequestLimits | None = None, mode: VisualMode | None = None) -> None:
         from transformers import AutoTokenizer
 
         local = self.local_dir = Path(local_copy(str(uri))).resolve()
@@ -228,7 +228,7 @@ class OfflineVllm:
     request, ``generate`` answers many): Ray Data batch inference and evaluation run on the engine the
     endpoint serves."""
 
-    def __init__(self, uri: str, *, limits: PredictorLimits | None = None, mode: VisualMode | None = None,
+    def __init__(self, uri: str, *, limits: RequestLimits | None = None, mode: VisualMode | None = None,
                  in_process: bool = False, **engine_overrides) -> None:
         self.chat = VllmChat(uri, limits=limits, mode=mode)
         self.cfg, self.processor = self.chat.cfg, self.chat.encoder.processor

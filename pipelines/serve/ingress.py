@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException
 
 from pipelines.serve import openai as oai
 from slime.errors import InputError
+from slime.predictor import RequestLimits
 
 logger = logging.getLogger("ray.serve")
 
@@ -70,10 +71,10 @@ class ServeArgs:
     batch_wait_timeout_s: float = 0.02
     max_surge_percent: int = 100  # rolling updates start replacements before stopping old replicas
     max_images_per_request: int = 1  # the model takes one image per conversation
-    max_image_pixels: int = 16_000_000
-    max_image_bytes: int = 20_000_000
+    max_image_pixels: int = RequestLimits.max_image_pixels
+    max_image_bytes: int = RequestLimits.max_image_bytes
     max_prompt_tokens: int | None = None  # prompt incl. visual tokens; default: the model's max_length
-    max_tokens: int = 1024  # cap on a request's max_tokens
+    max_tokens: int = RequestLimits.max_new_tokens  # cap on a request's max_tokens
     allowed_url_schemes: tuple[str, ...] = ("data",)  # add http/https/s3 deliberately (server-side fetches)
     api_key: str | None = None  # default: env SLIME_API_KEY; unset = no auth
 
@@ -95,10 +96,11 @@ class ServeArgs:
         if self.num_cpus <= 0 and self.num_gpus <= 0:
             raise ValueError("num_cpus or num_gpus must be > 0")
 
-    def limits(self) -> oai.Limits:
-        return oai.Limits(max_images_per_request=self.max_images_per_request, max_image_pixels=self.max_image_pixels,
-                          max_image_bytes=self.max_image_bytes, max_tokens=self.max_tokens,
-                          allowed_url_schemes=tuple(self.allowed_url_schemes), max_n=self.max_n)
+    def limits(self) -> RequestLimits:
+        return RequestLimits(max_images=self.max_images_per_request, max_image_pixels=self.max_image_pixels,
+                             max_image_bytes=self.max_image_bytes, max_prompt_tokens=self.max_prompt_tokens,
+                             max_new_tokens=self.max_tokens, allowed_url_schemes=tuple(self.allowed_url_schemes),
+                             max_n=self.max_n)
 
 
 # Settings only one engine reads: given to the other (away from their default) they are an error naming them.

@@ -7,7 +7,7 @@ and leaves as ``{"error": {"message", "type": "invalid_request_error", "param", 
 checked before the body and the body's size is capped before it is decoded.
 
 Defaults that differ from OpenAI's: ``temperature`` 0 (greedy, reproducible answers; OpenAI's is 1.0) and
-``max_tokens`` ``Limits.default_max_tokens``. Finish reasons are the engine's own (``stop``, ``length``,
+``max_tokens`` ``RequestLimits.default_max_tokens``. Finish reasons are the engine's own (``stop``, ``length``,
 and ``abort`` when vLLM aborted the request).
 """
 
@@ -25,6 +25,7 @@ from PIL import Image
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from slime.errors import ImageError, InputError
+from slime.predictor import RequestLimits
 from slime.processing import decode_image
 
 IMAGE_TOKEN = "<image>"  # the processor's placeholder; user text may not smuggle it in
@@ -96,20 +97,6 @@ class ChatCompletionRequest(BaseModel):
     response_format: ResponseFormat | None = None
 
 
-@dataclass(frozen=True, kw_only=True)
-class Limits:
-    """Per-request limits, from ServeArgs."""
-
-    max_images_per_request: int = 1
-    max_image_pixels: int = 16_000_000
-    max_image_bytes: int = 20_000_000
-    max_request_bytes: int = 32_000_000
-    max_tokens: int = 1024  # cap on max_tokens / max_completion_tokens
-    default_max_tokens: int = 64
-    allowed_url_schemes: tuple[str, ...] = ("data",)
-    max_n: int = 8  # choices per request
-
-
 @dataclass
 class ParsedChat:
     """A validated request: ``chat`` holds exactly ``slime.predictor.ChatRequest``'s fields."""
@@ -164,7 +151,7 @@ def validation_error(errors: list[dict]) -> InputError:
     return InputError(f"{where}{err.get('msg', 'invalid value')}", param=param, code=code)
 
 
-def parse_body(raw: bytes, limits: Limits) -> ChatCompletionRequest:
+def parse_body(raw: bytes, limits: RequestLimits) -> ChatCompletionRequest:
     if len(raw) > limits.max_request_bytes:
         raise InputError(f"request body is {len(raw)} bytes, limit {limits.max_request_bytes}",
                          code="request_too_large", status=413)
@@ -177,7 +164,7 @@ def parse_body(raw: bytes, limits: Limits) -> ChatCompletionRequest:
 # --------------------------------------------------------------------------- request -> ChatRequest
 
 
-def to_chat(req: ChatCompletionRequest, limits: Limits) -> ParsedChat:
+def to_chat(req: ChatCompletionRequest, limits: RequestLimits) -> ParsedChat:
     """Check everything that needs no model and flatten content parts into the predictor's messages
     (text with one ``<image>`` placeholder per image part). Images are only collected as URLs here;
     ``load_image`` fetches and decodes them."""
@@ -240,16 +227,16 @@ def to_chat(req: ChatCompletionRequest, limits: Limits) -> ParsedChat:
         messages.append({"role": role, "content": "\n".join(texts)})
     if not any(m["role"] == "user" for m in messages):
         raise InputError("messages must contain a user message", param="messages", code="invalid_messages")
-    if len(urls) > limits.max_images_per_request:
-        raise InputError(f"{len(urls)} images in the request, limit {limits.max_images_per_request}",
+    if len(urls) > limits.max_images:
+        raise InputError(f"{len(urls)} images in the request, limit {limits.max_images}",
                          param="messages", code="too_many_images")
     if req.max_tokens is not None and req.max_completion_tokens is not None:
         raise InputError("set max_tokens or max_completion_tokens, not both", param="max_tokens",
                          code="invalid_value")
     max_tokens = req.max_completion_tokens or req.max_tokens or limits.default_max_tokens
-    if max_tokens > limits.max_tokens:
+    if max_tokens > limits.max_new_tokens:
         param = "max_completion_tokens" if req.max_completion_tokens else "max_tokens"
-        raise InputError(f"{param} {max_tokens} exceeds the limit {limits.max_tokens}", param=param,
+        raise InputError(f"{param} {max_tokens} exceeds the limit {limits.max_new_tokens}", param=param,
                          code="invalid_value")
     stop = [req.stop] if isinstance(req.stop, str) else list(req.stop or [])
     if len(stop) > 4 or any(not s for s in stop):
@@ -310,7 +297,7 @@ def _fetch(url: str, scheme: str, max_bytes: int, param: str) -> bytes:
     return data
 
 
-def load_image(url: str, limits: Limits, param: str = "messages") -> Image.Image:
+def load_image(url: str, limits: RequestLimits, param: str = "messages") -> Image.Image:
     """Fetch and decode one image URL (``decode_image`` checks the pixel limit on the header, before
     decoding, so a decompression bomb costs nothing)."""
     scheme = check_url_scheme(url, limits.allowed_url_schemes, param)
@@ -333,7 +320,7 @@ def models_body(model_id: str) -> dict:
     return {"object": "list", "data": [{"id": model_id, "object": "model", "created": 0, "owned_by": "slime-ray"}]}
 
 
-async def read_chat(body: bytes, limits: Limits, model_id: str) -> tuple[ParsedChat, Any]:
+async def read_chat(body: bytes, limits: RequestLimits, model_id: str) -> tuple[ParsedChat, Any]:
     """Body -> (the parsed request, a ``slime.predictor.ChatRequest`` with its images loaded). Both engines'
     ingresses call this, so they reject the same requests the same way."""
     import asyncio

@@ -32,7 +32,7 @@ from pipelines.serve.ingress import (ServeArgs, authorize, default_model_id, err
                                      server_error)
 from slime.config import from_dict
 from slime.errors import InputError
-from slime.predictor import ChatRequest, ChatResult, PredictorLimits
+from slime.predictor import ChatRequest, ChatResult
 
 logger = logging.getLogger("ray.serve")
 
@@ -75,8 +75,7 @@ class VllmServer:
         self.args = from_dict(ServeArgs, args)
         a = self.args
         self.limits = a.limits()
-        limits = PredictorLimits(max_images=a.max_images_per_request, max_image_pixels=a.max_image_pixels,
-                                 max_prompt_tokens=a.max_prompt_tokens, max_new_tokens=a.max_tokens)
+        limits = self.limits  # one record: the HTTP layer and the encoder check the same numbers
         self.chat = VllmChat(a.model, limits=limits, mode=a.mode)
         self.model_id = a.model_id or default_model_id(a.model, self.chat.local_dir)
         self.fingerprint = "fp_" + hashlib.sha256(a.model.encode()).hexdigest()[:12]
