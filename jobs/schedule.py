@@ -14,21 +14,21 @@ from datetime import datetime
 from zoneinfo import ZoneInfo
 
 from pipelines.lifecycle.jobs_client import JobsRunner
-from pipelines.lifecycle.scheduler import Cron, ScheduleConfig, Scheduler
+from pipelines.lifecycle.scheduler import ScheduleConfig, Scheduler, check_cron
 from slime.config import load_config, replace
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="slime schedule", description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="YAML file (see jobs/configs/schedule_tiny.yaml)")
-    parser.add_argument("--cron", help='5-field cron expression, overrides the config (e.g. "0 3 * * *")')
+    parser.add_argument("--cron", help='cron expression (5 fields or @daily/@hourly/...), overrides the config (e.g. "0 3 * * *")')
     parser.add_argument("--once", action="store_true", help="tick once now and exit")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. jobs.address=http://head:8265")
     args = parser.parse_args(argv)
     try:
         cfg = load_config(ScheduleConfig, args.config, args.overrides)
         if args.cron:
-            Cron.parse(args.cron)
+            check_cron(args.cron)
             cfg = replace(cfg, cron=args.cron)
     except ValueError as e:
         print(f"slime schedule: config error: {e}", file=sys.stderr)

@@ -78,12 +78,24 @@ def test_auth_headers_from_token_env_and_token_file(monkeypatch, tmp_path):
 
 
 def test_job_command_lines_live_in_one_place():
-    from pipelines.lifecycle.jobs_client import entrypoint, eval_args, train_args
+    from pipelines.data.ingest import list_shards
+    from pipelines.lifecycle.jobs_client import entrypoint, eval_args, shard_uris, train_args
+    from pipelines.train.config import TrainConfig
+    from pipelines.train.loop import phase_data_config
+    from slime.config import load_config
 
-    args = train_args("jobs/configs/train_tiny.yaml", "/r/v1/model", "s3://b/wds", "/w/m", "run-1")
-    assert entrypoint("train", args) == ("python -m jobs.train --config jobs/configs/train_tiny.yaml init_from=/r/v1/model data.manifest=s3://b/wds "
-            "export_dir=/w/m name=run-1")
-    assert "init_from" not in " ".join(train_args("c.yaml", None, "m", "e", "n"))
+    shards = shard_uris("s3://b/wds", ["shard-000002-000001.tar", "shard-000001-000000.tar"])
+    assert shard_uris("s3://b/wds/manifest.json", ["x.tar"]) == ["s3://b/wds/x.tar"]
+    args = train_args("jobs/configs/train_tiny.yaml", "/r/v1/model", shards, "/w/m", "run-1")
+    assert entrypoint("train", args) == (
+        "python -m jobs.train --config jobs/configs/train_tiny.yaml init_from=/r/v1/model "
+        "'data.shards=[\"s3://b/wds/shard-000002-000001.tar\", \"s3://b/wds/shard-000001-000000.tar\"]' "
+        "export_dir=/w/m name=run-1")
+    # the job reads exactly those shards: data.shards wins over the config's data.manifest
+    cfg = load_config(TrainConfig, args[1], args[2:])
+    dcfg = phase_data_config(cfg, cfg.phases[0], "/r/v1/model")
+    assert dcfg.shards == tuple(shards) and list_shards(dcfg) == shards
+    assert "init_from" not in " ".join(train_args("c.yaml", None, ["m"], "e", "n"))
     assert eval_args("jobs/configs/eval_tiny.yaml", "/m", "/val", "/o.json") == [
         "--config", "jobs/configs/eval_tiny.yaml", "model=/m", "data.val=/val", "output=/o.json", "overwrite=true"]
 

@@ -124,3 +124,51 @@ def test_lock_excludes_live_owner_and_takes_over_stale(tmp_path):
     assert b.read()["owner"] == "tick-b"
     b.release()
     assert b.read() is None
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("start", ["free", "stale"])
+def test_s3_lock_two_contenders_cannot_both_take_it(s3_bucket, monkeypatch, start):
+    """B decides the lock is free (or stale) and, before B writes, A takes it: B's write must fail
+    (S3 conditional writes) instead of overwriting A's lock, so exactly one of them holds it."""
+    clock = Clock()
+    reg = Registry(f"s3://{s3_bucket}/registry", now=clock)
+    if start == "stale":
+        assert RegistryLock(reg, "dead-tick", ttl_s=60).acquire() is None
+        clock.advance(seconds=120)
+    a, b = RegistryLock(reg, "tick-a", ttl_s=60), RegistryLock(reg, "tick-b", ttl_s=60)
+    outcome: dict[str, object] = {}
+    real_read = storage.read_bytes
+
+    def try_acquire(lock: RegistryLock, name: str) -> None:
+        try:
+            lock.acquire()
+            outcome[name] = "holds"
+        except LockHeld as e:
+            outcome[name] = f"refused: {e}"
+
+    def read_then_a_wins(uri, *args, **kwargs):
+        # B's first look at the lock; A acquires right after it (before B writes anything)
+        try:
+            return real_read(uri, *args, **kwargs)
+        finally:
+            if uri.endswith("retrain.lock") and "a" not in outcome:
+                outcome["a"] = "running"
+                try_acquire(a, "a")
+
+    monkeypatch.setattr(storage, "read_bytes", read_then_a_wins)
+    try_acquire(b, "b")
+    monkeypatch.setattr(storage, "read_bytes", real_read)
+    if "a" not in outcome:  # B never had to read (its conditional create won): A comes second
+        try_acquire(a, "a")
+    holders = [n for n in ("a", "b") if outcome[n] == "holds"]
+    assert len(holders) == 1, outcome
+    winner, loser = (a, b) if holders == ["a"] else (b, a)
+    assert reg._read_json("retrain.lock")["owner"] == winner.owner
+    with pytest.raises(LockHeld):
+        loser.heartbeat()
+    loser.release()  # not the owner: the winner keeps its lock
+    assert reg._read_json("retrain.lock")["owner"] == winner.owner
+    winner.heartbeat()
+    winner.release()
+    assert reg._read_json("retrain.lock") is None

@@ -1,9 +1,15 @@
 """Scheduled retraining end to end with the real steps: ticks with an injected clock drive the real
 train (Ray Train), evaluate (Ray Data + Predictor) and Serve rollout through LocalRunner.
 
-tick 1: new shards, no production -> retrain from the tiny init -> evaluate -> promote -> Serve serves it
-tick 2: nothing new               -> no job, production unchanged, the reason recorded
-tick 3: a new batch was packed    -> fine-tune from production on it -> promote -> Serve rolls over
+tick 1: 2 shards, no production -> retrain from the tiny init on both -> evaluate -> promote -> Serve serves it
+tick 2: nothing new              -> no job (and no job id in its record), production unchanged, reason recorded
+tick 3: a new batch (2 shards)   -> fine-tune from production on the new shards + 1 replayed earlier shard
+                                    (new+replay, fraction 0.5) -> evaluate -> rejected by the gate:
+                                    production and Serve untouched, the record says why
+Which shards a run read comes from the run itself (its read tasks, in the model's training_data.json).
+The tiny random models all score accuracy 0, so before tick 3 production's recorded accuracy is set to
+0.5 by hand: the real candidate (0.0) then fails ``>= 0.5 - 0.05``. Promoting a fine-tuned candidate is
+covered in tests/test_scheduler.py; here tick 1 exercises the rollout.
 """
 
 from __future__ import annotations
@@ -29,11 +35,22 @@ REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.integration
 
 
-def _synth_and_pack(root: Path, seed: int, split: str = "train") -> None:
+def _synth_and_pack(root: Path, seed: int, split: str = "train", per_shard: int = 1000) -> None:
     raw = root / f"raw{seed}"
     generate(SynthConfig(output_dir=str(raw), seed=seed, num_images=8, val_fraction=0.25, min_side=300, max_side=500,
                          questions_per_image=2, progress=False))
-    pack(PackConfig(inputs=(str(raw / f"{split}.json"),), output_dir=str(root / f"wds-{split}"), progress=False))
+    pack(PackConfig(inputs=(str(raw / f"{split}.json"),), output_dir=str(root / f"wds-{split}"), progress=False,
+                    max_samples_per_shard=per_shard))
+
+
+def _shards(manifest_dir: Path) -> list[str]:
+    return [s["name"] for s in json.loads((manifest_dir / "manifest.json").read_text())["shards"]]
+
+
+def _read_by_run(model_dir: str) -> dict[str, int]:
+    """{shard name: samples} that the training run's read tasks report, from the model it exported."""
+    data = json.loads((Path(model_dir) / "training_data.json").read_text())
+    return {Path(p).name: n for p, n in data["shards_read"].items()}
 
 
 def _free_port() -> int:
@@ -45,13 +62,14 @@ def _free_port() -> int:
 def test_ticks_retrain_evaluate_promote_and_roll_serve(ray_session, tmp_path):
     from ray import serve
 
-    _synth_and_pack(tmp_path, seed=1)
+    _synth_and_pack(tmp_path, seed=1, per_shard=9)  # 18 samples: 2 shards
     _synth_and_pack(tmp_path, seed=1, split="val")
     run_cfg = yaml.safe_load((REPO / "jobs/configs/train_tiny.yaml").read_text())
     run_cfg.update(storage_path=str(tmp_path / "runs"),
                    # One phase (joint) per retrain: what is checked here is the tick, not the schedule
                    # (test_train covers phases); each phase costs its own data pipeline start-up.
-                   phases=[dict(run_cfg["phases"][3], steps=2)],
+                   # 14 steps of 2 samples: an epoch of the (<= 3 x 9 samples) shards given, so every one is read.
+                   phases=[dict(run_cfg["phases"][3], steps=14)],
                    scaling=dict(run_cfg["scaling"], num_workers=1), checkpoint=dict(run_cfg["checkpoint"], every_steps=100))
     (tmp_path / "train.yaml").write_text(yaml.safe_dump(run_cfg))
     serve_cfg = yaml.safe_load((REPO / "cluster/serve_config.yaml").read_text())
@@ -61,7 +79,7 @@ def test_ticks_retrain_evaluate_promote_and_roll_serve(ray_session, tmp_path):
     (tmp_path / "serve.yaml").write_text(yaml.safe_dump(serve_cfg))
 
     cfg = ScheduleConfig(registry=str(tmp_path / "registry"), manifest=str(tmp_path / "wds-train"),
-                         val=str(tmp_path / "wds-val"), work_dir=str(tmp_path / "work"), tolerance=1.0,
+                         val=str(tmp_path / "wds-val"), work_dir=str(tmp_path / "work"), tolerance=0.05,
                          jobs=JobsConfig(address="local", train_config=str(tmp_path / "train.yaml"),
                                          eval_config=str(REPO / "jobs/configs/eval_tiny.yaml")),
                          rollout=RolloutConfig(mode="run", serve_config=str(tmp_path / "serve.yaml"), app_name="sched"))
@@ -83,26 +101,42 @@ def test_ticks_retrain_evaluate_promote_and_roll_serve(ray_session, tmp_path):
         first = scheduler.tick()
         assert first["decision"] == "promoted", first
         prod = registry.production()
-        assert prod.id == first["version"] and len(first["new_shards"]) == 1
+        tick1_shards = _shards(tmp_path / "wds-train")
+        assert prod.id == first["version"] and first["new_shards"] == tick1_shards and len(tick1_shards) == 2
+        assert set(first["job_ids"]) == {"train", "evaluate"}
+        assert set(_read_by_run(prod.model_uri)) == set(tick1_shards) == set(prod.lineage["shards_read"])
         assert json.loads((Path(cfg.registry) / "versions" / prod.id / "metrics.json").read_text())["num_samples"] > 0
         assert served_fingerprint() == fingerprint(prod.model_uri)
 
         clock[0] += timedelta(days=1)
-        runner.job_ids.clear()
         second = scheduler.tick()
         assert second["decision"] == "kept" and "no new shards" in second["reason"]
-        assert runner.job_ids == {} and registry.production().id == prod.id
+        assert second["job_ids"] == {} and registry.production().id == prod.id
 
-        _synth_and_pack(tmp_path, seed=2)  # a new batch of raw data lands: new shards, new version
+        _synth_and_pack(tmp_path, seed=2, per_shard=9)  # a new batch of raw data lands: 2 new shards
+        new_shards = [n for n in _shards(tmp_path / "wds-train") if n not in tick1_shards]
+        assert len(new_shards) == 2
+        metrics_file = Path(cfg.registry) / "versions" / prod.id / "metrics.json"
+        metrics_file.write_text(json.dumps({**json.loads(metrics_file.read_text()), "accuracy": 0.5}))
         clock[0] += timedelta(days=1)
         third = scheduler.tick()
-        assert third["decision"] == "promoted", third
-        new_prod = registry.production()
-        assert new_prod.id != prod.id and len(third["new_shards"]) == 1
-        lineage = json.loads((Path(cfg.registry) / "versions" / new_prod.id / "lineage.json").read_text())
-        assert lineage.get("parent") == prod.id or lineage.get("parent_version") == prod.id, lineage
-        assert served_fingerprint() == fingerprint(new_prod.model_uri)
-        ticks = [d["decision"] for d in registry.decisions() if "decision" in d]  # promotions log too
-        assert ticks[-3:] == ["promoted", "kept", "promoted"]
+        assert third["decision"] == "rejected", third
+        assert "not promoted" in third["reason"] and "accuracy 0 vs production" in third["reason"], third["reason"]
+        assert set(third["job_ids"]) == {"train", "evaluate"} and third["job_ids"] != first["job_ids"]
+        candidate = registry.get(third["version"])
+        assert candidate.verdict["verdict"] == "rejected" and candidate.lineage["parent_version"] == prod.id
+        # what the run read (reported by its read tasks): the new shards + exactly one earlier shard
+        read = _read_by_run(candidate.model_uri)
+        replayed = set(read) - set(new_shards)
+        assert set(new_shards) <= set(read) and len(replayed) == 1 and replayed <= set(tick1_shards), read
+        assert all(n > 0 for n in read.values()), read
+        assert sorted(candidate.lineage["trained_on"]) == sorted(read) == sorted(candidate.lineage["shards_read"])
+        assert candidate.lineage["replayed_shards"] == sorted(replayed)
+        # the rejected candidate changed nothing: production, its pointer and what Serve serves
+        assert registry.production().id == prod.id and registry.serving() == prod.id
+        assert served_fingerprint() == fingerprint(prod.model_uri)
+        ticks = [d for d in registry.decisions() if "decision" in d]  # promotions log too
+        assert [d["decision"] for d in ticks[-3:]] == ["promoted", "kept", "rejected"]
+        assert ticks[-1]["reason"] == third["reason"]
     finally:
         serve.shutdown()

@@ -11,11 +11,12 @@ import shutil
 import subprocess
 import sys
 from datetime import UTC, datetime, timedelta
+from zoneinfo import ZoneInfo
 
 import pytest
 
 from pipelines.lifecycle.registry import Registry
-from pipelines.lifecycle.scheduler import Cron, ScheduleConfig, Scheduler
+from pipelines.lifecycle.scheduler import ScheduleConfig, Scheduler, check_cron, next_fire, select_shards
 
 T0 = datetime(2026, 11, 22, 3, 0, tzinfo=UTC)
 
@@ -95,31 +96,36 @@ def env(tmp_path):
     return cfg, Clock(), FileRunner(cfg.work_dir)
 
 
-def test_cron_fields_and_next_fire():
-    c = Cron.parse("0 3 * * *")
-    assert c.matches(datetime(2026, 11, 22, 3, 0)) and not c.matches(datetime(2026, 11, 22, 3, 1))
-    assert c.next_after(datetime(2026, 11, 22, 3, 0)) == datetime(2026, 11, 23, 3, 0)
-    assert c.next_after(datetime(2026, 11, 22, 2, 59, 30)) == datetime(2026, 11, 22, 3, 0)
-    q = Cron.parse("*/15 8-10,22 * * mon-fri")
-    assert q.minutes == {0, 15, 30, 45} and q.hours == {8, 9, 10, 22} and q.weekdays == {1, 2, 3, 4, 5}
-    assert q.next_after(datetime(2026, 11, 21, 12, 0)) == datetime(2026, 11, 23, 8, 0)  # Sat -> Mon
-    assert Cron.parse("5/20 0 1 jan,jul 7").minutes == {5, 25, 45}
-    either = Cron.parse("0 0 13 * 5")  # the 13th OR a Friday (cron(8) rule when both are restricted)
-    assert either.matches(datetime(2026, 11, 13, 0, 0)) and either.matches(datetime(2026, 11, 20, 0, 0))
-    assert not either.matches(datetime(2026, 11, 19, 0, 0))
-    assert Cron.parse("0 0 29 2 *").next_after(datetime(2026, 3, 1)) == datetime(2028, 2, 29)
-    for bad in ("0 3 * *", "60 * * * *", "* 5-2 * * *", "*/0 * * * *", "x * * * *"):
+def test_cron_is_croniter_with_macros_and_dst():
+    assert next_fire("0 3 * * *", datetime(2026, 11, 22, 3, 0)) == datetime(2026, 11, 23, 3, 0)
+    assert next_fire("@daily", datetime(2026, 11, 22, 3, 0)) == datetime(2026, 11, 23, 0, 0)
+    assert next_fire("0 0 13 * 5", datetime(2026, 11, 13, 0, 0)) == datetime(2026, 11, 20, 0, 0)  # 13th OR Fri
+    for bad in ("0 3 * *", "60 * * * *", "@sometimes"):
         with pytest.raises(ValueError):
-            Cron.parse(bad)
+            check_cron(bad)
+    with pytest.raises(ValueError, match="timezone"):
+        ScheduleConfig(registry="r", manifest="m", val="v", work_dir="w", timezone="Mars/Olympus")
 
 
-def test_run_ticks_at_cron_times_with_injected_clock(env):
-    cfg, clock, runner = env
-    ticks = []
+def test_run_sleeps_real_time_across_dst(env):
+    """Europe/Berlin springs forward on 2027-03-28: 03:00 to 03:00 is 23 hours, not 24."""
+    cfg, _, runner = env
+    berlin = ZoneInfo("Europe/Berlin")
+
+    class ZonedClock:  # real elapsed time in UTC, shown in Berlin (as datetime.now(zone) is)
+        t = datetime(2027, 3, 27, 3, 0, tzinfo=berlin).astimezone(UTC)
+
+        def __call__(self):
+            return self.t.astimezone(berlin)
+
+        def advance(self, seconds):
+            self.t += timedelta(seconds=seconds)
+
+    clock, ticks = ZonedClock(), []
     scheduler = Scheduler(cfg, runner, now=clock)
     scheduler.tick = lambda: ticks.append(clock()) or {"decision": "kept"}
     scheduler.run(max_ticks=2, sleep=clock.advance)
-    assert ticks == [datetime(2026, 11, 23, 3, 0, tzinfo=UTC), datetime(2026, 11, 24, 3, 0, tzinfo=UTC)]
+    assert [t.replace(tzinfo=None) for t in ticks] == [datetime(2027, 3, 28, 3, 0), datetime(2027, 3, 29, 3, 0)]
 
 
 def test_first_model_then_no_new_data_runs_no_job(env):
@@ -148,10 +154,15 @@ def test_new_shards_retrain_from_production_evaluate_promote_rollout(env):
     assert rec["decision"] == "promoted", rec
     assert rec["new_shards"] == ["shard-000002-000002.tar", "shard-000002-000003.tar"]
     assert runner.steps() == ["retrain", "evaluate", "rollout"]
-    assert runner.calls[0][1] == v1.model_uri and runner.calls[0][2] == tuple(rec["new_shards"])
+    # default new+replay (fraction 0.5): the 2 new shards + ceil(0.5 * 2) = 1 of the 2 earlier ones
+    replayed = [n for n in rec["trained_on"] if n not in rec["new_shards"]]
+    assert len(rec["trained_on"]) == 3 and len(replayed) == 1 and replayed[0] in v1.shards
+    assert runner.calls[0][1] == v1.model_uri and runner.calls[0][2] == tuple(rec["trained_on"])
     v2 = reg.production()
     assert v2.id == rec["version"] != v1.id and v2.metrics["accuracy"] == 0.6
     assert v2.lineage["parent_version"] == v1.id and len(v2.shards) == 4 and v2.lineage["dataset_version"] == 2
+    assert v2.lineage["trained_on"] == rec["trained_on"] and v2.lineage["replayed_shards"] == replayed
+    assert v2.lineage["new_shards"] == rec["new_shards"] and v2.lineage["parent_model"] == v1.model_uri
     assert runner.served == v2.model_uri and reg.serving() == v2.id
     with open(os.path.join(v2.model_uri, "quality.json")) as f:  # the registry holds a real copy of the model
         assert json.load(f)["parent"] == v1.model_uri
@@ -260,3 +271,63 @@ def test_lock_prevents_a_second_concurrent_retrain(env):
     assert outer["decision"] == "promoted"
     assert results["inner"]["decision"] == "skipped" and "lock held by" in results["inner"]["reason"]
     assert inner.calls == [] and len(Registry(cfg.registry).list()) == 1
+
+
+def test_shard_selection_policies():
+    names = [f"s{i}.tar" for i in range(10)]
+    new = names[8:]
+    assert select_shards(names, new, "new", 0.5, "run") == (new, [])
+    assert select_shards(names, new, "all", 0.5, "run") == (names, names[:8])
+    trained, replayed = select_shards(names, new, "new+replay", 0.5, "run")
+    assert len(replayed) == 1 and trained == sorted(replayed + new) and replayed[0] in names[:8]
+    assert select_shards(names, new, "new+replay", 0.5, "run") == (trained, replayed)  # a retry reads the same
+    assert select_shards(names, new, "new+replay", 10.0, "run")[0] == names  # capped at what exists
+    assert select_shards(names, names, "new+replay", 0.5, "run") == (names, [])  # first model: all new
+
+
+def test_train_on_new_passes_only_new_shards_and_records_them(env):
+    cfg, clock, runner = env
+    cfg = ScheduleConfig(**{**{k: getattr(cfg, k) for k in ("registry", "manifest", "val", "work_dir")},
+                            "train_on": "new"})
+    Scheduler(cfg, runner, now=clock).tick()
+    write_manifest(cfg.manifest, 4, version=2)
+    runner.calls = []
+    rec = Scheduler(cfg, runner, now=clock).tick()
+    assert runner.calls[0][2] == ("shard-000002-000002.tar", "shard-000002-000003.tar") == tuple(rec["trained_on"])
+    assert Registry(cfg.registry).get(rec["version"]).lineage["replayed_shards"] == []
+
+
+def test_decision_records_carry_only_their_own_ticks_job_ids(env):
+    cfg, clock, _ = env
+
+    class JobRunner(FileRunner):
+        def __init__(self, work_dir):
+            super().__init__(work_dir)
+            self.job_ids, self.n = {}, 0
+
+        def retrain(self, *a):
+            self.n += 1
+            self.job_ids["train"] = f"raysubmit_{self.n}"
+            return super().retrain(*a)
+
+    runner = JobRunner(cfg.work_dir)
+    scheduler = Scheduler(cfg, runner, now=clock)
+    assert scheduler.tick()["job_ids"] == {"train": "raysubmit_1"}
+    clock.advance(86400)
+    assert scheduler.tick()["job_ids"] == {}  # nothing ran this tick
+    assert Registry(cfg.registry).decisions()[-1]["job_ids"] == {}
+
+
+def test_a_run_that_read_other_shards_is_not_registered(env):
+    cfg, clock, runner = env
+
+    class Leaky(FileRunner):  # the job read a shard it was not given (e.g. a config's data.manifest won)
+        def retrain(self, parent, manifest, shards, run_name):
+            out = super().retrain(parent, manifest, shards, run_name)
+            with open(os.path.join(out, "training_data.json"), "w") as f:
+                json.dump({"shards_read": {f"/data/{n}": 10 for n in [*shards, "shard-000009-000000.tar"]}}, f)
+            return out
+
+    rec = Scheduler(cfg, Leaky(cfg.work_dir), now=clock).tick()
+    assert rec["decision"] == "failed" and "shard-000009-000000.tar" in rec["reason"]
+    assert Registry(cfg.registry).list() == [] and Registry(cfg.registry).production() is None

@@ -197,6 +197,14 @@ def data_metrics(cfg: DataConfig | str = "DataMetrics") -> dict[str, int]:
     return ray.get(metrics_actor(name).get.remote())
 
 
+def shards_read(cfg: DataConfig | str = "DataMetrics") -> dict[str, int]:
+    """``{shard path: samples read}`` for every shard a read task of the pipeline opened (0 = opened, not
+    finished; summed over executions, so a shard read in two epochs counts twice). Paths are as Ray
+    read them: local paths, or ``bucket/key`` for S3."""
+    name = cfg.metrics_name if isinstance(cfg, DataConfig) else cfg
+    return ray.get(metrics_actor(name).get_shards.remote())
+
+
 def reset_data_metrics(cfg: DataConfig | str = "DataMetrics") -> None:
     name = cfg.metrics_name if isinstance(cfg, DataConfig) else cfg
     ray.get(metrics_actor(name).reset.remote())
@@ -235,4 +243,4 @@ def ingest_options(cfg: DataConfig):
 
 
 __all__ = ["CONTRACT_COLUMNS", "IMAGE_EXTS", "DataConfig", "build_dataset", "data_metrics", "ingest_options",
-           "list_shards", "reset_data_metrics", "torch_batch_kwargs", "torch_dtypes"]
+           "list_shards", "reset_data_metrics", "shards_read", "torch_batch_kwargs", "torch_dtypes"]

@@ -11,7 +11,8 @@
   column whatever their extension, so blocks from different shards share one schema.
 * ``Preprocessor`` (callable class, one per actor) turns a batch of rows into contract samples with
   SlimeProcessor; in ``features`` mode it also runs the frozen VisionTower + DenseConnector.
-* ``DataMetrics`` (named actor, driver-owned) sums ``{"ok": n, reason: count}`` over every worker.
+* ``DataMetrics`` (named actor, driver-owned) sums ``{"ok": n, reason: count}`` over every worker, and
+  records each shard a read task opened with the samples it read from it (what a run really read).
 
 Shapes (B rows in a batch): T max_length · M max tiles · S tile side · P' tokens/tile · Din fused width.
     out: input_ids/attention_mask/labels int64 [B, T] · instruction_mask bool [B, T]
@@ -49,15 +50,22 @@ _BYTES_PER_BLOCK = 64 << 20
 class DataMetrics:
     def __init__(self) -> None:
         self.counts: Counter = Counter()
+        self.shards: Counter = Counter()  # shard path -> samples read (0 while its read is under way)
 
-    def add(self, counts: dict[str, int]) -> None:
+    def add(self, counts: dict[str, int], shards: dict[str, int] | None = None) -> None:
         self.counts.update(counts)
+        for path, n in (shards or {}).items():
+            self.shards[path] += n
 
     def get(self) -> dict[str, int]:
         return dict(self.counts)
 
+    def get_shards(self) -> dict[str, int]:
+        return dict(self.shards)
+
     def reset(self) -> None:
         self.counts.clear()
+        self.shards.clear()
 
 
 _HANDLES: dict[str, ray.actor.ActorHandle] = {}
@@ -72,12 +80,12 @@ def metrics_actor(name: str):
     return _HANDLES[name]
 
 
-def _report(name: str, counts: dict[str, int]) -> None:
+def _report(name: str, counts: dict[str, int], shards: dict[str, int] | None = None) -> None:
     counts = {k: int(v) for k, v in counts.items() if v}
-    if counts:
+    if counts or shards:
         # Waited on: the driver reads the totals right after the last batch, so a count still in
         # flight would be lost (calls from different processes to one actor are not ordered).
-        ray.get(metrics_actor(name).add.remote(counts))
+        ray.get(metrics_actor(name).add.remote(counts, shards))
 
 
 # ----------------------------------------------------------------------------- reading
@@ -96,7 +104,10 @@ class ShardReader(FileBasedDatasource):
         counts: Counter = Counter()
         rows: list[dict] = []
         sample: dict | None = None
-        size = 0
+        size, num_rows = 0, 0
+        # The shard is recorded as opened before any row flows: a run that stops early (steps reached)
+        # may never finish a read, and it still read from that shard.
+        _report(self.metrics_name, {}, {path: 0})
 
         def flush() -> None:
             nonlocal size
@@ -130,6 +141,7 @@ class ShardReader(FileBasedDatasource):
                     continue
                 sample[slot] = data
                 if len(rows) >= self.rows_per_block or size >= _BYTES_PER_BLOCK:
+                    num_rows += len(rows)
                     yield _block(rows)
                     rows, size = [], 0
             flush()
@@ -139,8 +151,9 @@ class ShardReader(FileBasedDatasource):
             counts["bad_shard"] += 1
             log.warning("skipping the rest of shard %s: %s: %s", path, type(e).__name__, e)
         if rows:
+            num_rows += len(rows)
             yield _block(rows)
-        _report(self.metrics_name, counts)
+        _report(self.metrics_name, counts, {path: num_rows})
 
 
 def _block(rows: list[dict]) -> pa.Table:

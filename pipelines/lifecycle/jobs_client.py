@@ -32,12 +32,20 @@ WORKING_DIR_EXCLUDES = (".venv", "venv", ".git", "**/__pycache__", "*.egg-info",
 
 
 # ---------------------------------------------------------------- the job command lines (one place)
-def train_args(config: str, parent: str | None, manifest: str, export_dir: str, run_name: str,
+def train_args(config: str, parent: str | None, shards: list[str], export_dir: str, run_name: str,
                overrides: tuple[str, ...] = ()) -> list[str]:
-    """Arguments of ``python -m jobs.train``; without a parent the run starts from the config's init."""
+    """Arguments of ``python -m jobs.train`` reading exactly ``shards`` (tar URIs: ``data.shards`` wins
+    over any ``data.manifest`` in the config); without a parent the run starts from the config's init."""
     init = [f"init_from={parent}"] if parent else []
-    return ["--config", config, *init, f"data.manifest={manifest}", f"export_dir={export_dir}",
+    return ["--config", config, *init, f"data.shards={json.dumps(list(shards))}", f"export_dir={export_dir}",
             f"name={run_name}", *overrides]
+
+
+def shard_uris(manifest: str, names: list[str]) -> list[str]:
+    """Manifest shard names -> URIs (the names are relative to the manifest's directory)."""
+    root = manifest.rstrip("/")
+    root = root.rsplit("/", 1)[0] if root.endswith(".json") else root
+    return [storage.join(root, n) for n in names]
 
 
 def eval_args(config: str, model: str, val: str, output: str, overrides: tuple[str, ...] = ()) -> list[str]:
@@ -210,7 +218,7 @@ class JobsRunner:
                  heartbeat: Callable[[], None] | None = None):
         self.jobs, self.rollout_cfg, self.work_dir, self.val = jobs, rollout, work_dir, val
         self.heartbeat = heartbeat
-        self.job_ids: dict[str, str] = {}
+        self.job_ids: dict[str, str] = {}  # step -> job id of the current tick (the scheduler clears it)
 
     def _run(self, step: str, name: str, args: list[str], run_name: str) -> None:
         client = connect(self.jobs.address)
@@ -222,10 +230,11 @@ class JobsRunner:
             tail = client.get_job_logs(job_id)[-2000:]
             raise RuntimeError(f"{step} job {job_id} ended {status}; last log lines:\n{tail}")
 
-    def retrain(self, parent_model_dir: str | None, manifest_uri: str, new_shards: list[str], run_name: str) -> str:
+    def retrain(self, parent_model_dir: str | None, manifest_uri: str, shards: list[str], run_name: str) -> str:
         export_dir = storage.join(self.work_dir, run_name, "model")
-        self._run("train", "train", train_args(self.jobs.train_config, parent_model_dir, manifest_uri,
-                                               export_dir, run_name, self.jobs.train_overrides), run_name)
+        self._run("train", "train", train_args(self.jobs.train_config, parent_model_dir,
+                                               shard_uris(manifest_uri, shards), export_dir, run_name,
+                                               self.jobs.train_overrides), run_name)
         return export_dir
 
     def evaluate(self, model_dir: str) -> dict[str, Any]:

@@ -12,14 +12,17 @@ Layout under the registry root::
     serving.json                 {"version", "updated"}: the version the Serve app was last rolled to
     decisions/<time>-<ns>-<rand>.json  one record per scheduler tick / promotion, append-only
     retrain.lock                 {"owner", "acquired", "heartbeat", "expires"}: at most one retrain at a time
+                                 (retrain.lock.guard: local registries only, the flock around a takeover)
 
 Version ids sort in registration order: ``v000007-20261122T030012Z``. A version killed while being
 copied has no lineage.json and is invisible to ``list``/``get``; its number is never reused. Writers are
-expected to be serialised by the scheduler's lock (S3 has no compare-and-swap); readers need no lock.
+serialised by the scheduler's lock (``RegistryLock``: S3 conditional writes); readers need no lock.
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import re
@@ -171,13 +174,18 @@ class LockHeld(RuntimeError):
 
 class RegistryLock:
     """A lease in ``<root>/retrain.lock``: owner + heartbeat + expiry. A lock whose ``expires`` has
-    passed belongs to a dead holder and is taken over. Locally the first creation is O_EXCL; a takeover
-    (and every S3 write) is write-then-read-back, which narrows but does not close the race window, so
-    run one scheduler per registry and treat the lock as protection against overlapping ticks."""
+    passed belongs to a dead holder and is taken over.
+
+    Every change is a compare-and-swap, so two contenders never both hold it. On S3 (conditional writes):
+    taking a free lock is a PUT with ``If-None-Match: *``; a takeover, a heartbeat and a release are
+    conditional on the ETag of the record that was read (``If-Match``), so a record changed in between
+    makes the write fail (HTTP 412) instead of overwriting. Locally: creating is ``O_EXCL``; a takeover,
+    heartbeat or release holds an ``flock`` on ``retrain.lock.guard`` around read -> write."""
 
     def __init__(self, registry: Registry, owner: str, ttl_s: float):
         self.registry, self.owner, self.ttl_s = registry, owner, ttl_s
         self.uri = registry._uri("retrain.lock")
+        self.s3 = storage.is_s3(self.uri)
 
     def read(self) -> dict[str, Any] | None:
         return self.registry._read_json("retrain.lock")
@@ -187,38 +195,113 @@ class RegistryLock:
         return {"owner": self.owner, "acquired": acquired or now.isoformat(), "heartbeat": now.isoformat(),
                 "expires": datetime.fromtimestamp(now.timestamp() + self.ttl_s, UTC).isoformat()}
 
+    # ------------------------------------------------------------------ the compare-and-swap primitives
+    @contextlib.contextmanager
+    def _guard(self):
+        """Local only: serialises read -> write between processes on this machine (S3 needs none)."""
+        if self.s3:
+            yield
+            return
+        import fcntl
+
+        os.makedirs(os.path.dirname(self.uri), exist_ok=True)
+        with open(self.uri + ".guard", "a") as f:
+            fcntl.flock(f, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+    def _read_versioned(self) -> tuple[dict[str, Any] | None, str | None]:
+        """(record, its ETag on S3). The ETag is read first: a record replaced between the two reads has
+        a newer ETag than the one returned, so a write conditional on it fails, as it should."""
+        etag = None
+        if self.s3:
+            fs, path = storage.filesystem(self.uri)
+            try:
+                etag = fs.info(path, refresh=True)["ETag"]
+            except FileNotFoundError:
+                return None, None
+        return self.read(), etag
+
+    def _create(self, record: dict[str, Any]) -> bool:
+        data = json.dumps(record).encode()
+        if self.s3:
+            fs, path = storage.filesystem(self.uri)
+            try:
+                fs.pipe_file(path, data, mode="create")  # If-None-Match: *
+            except FileExistsError:  # s3fs's translation of 412 PreconditionFailed on If-None-Match
+                return False
+            return True
+        os.makedirs(os.path.dirname(self.uri), exist_ok=True)
+        try:
+            fd = os.open(self.uri, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        return True
+
+    def _replace(self, record: dict[str, Any], etag: str | None) -> bool:
+        """Overwrite the record read with ``etag`` (S3: If-Match; locally the caller holds the guard)."""
+        if not self.s3:
+            self.registry._write_json(record, "retrain.lock")
+            return True
+        fs, path = storage.filesystem(self.uri)
+        try:
+            fs.pipe_file(path, json.dumps(record).encode(), IfMatch=etag)
+        except (FileNotFoundError, OSError) as e:
+            if _precondition_failed(e):
+                return False
+            raise
+        return True
+
+    # ------------------------------------------------------------------ the lease
     def acquire(self) -> dict[str, Any] | None:
         """Take the lock; returns the stale record it replaced (None if the lock was free).
-        Raises LockHeld if a live owner has it."""
-        record = self._record()
-        if not storage.is_s3(self.uri):
-            os.makedirs(os.path.dirname(self.uri), exist_ok=True)
-            try:
-                fd = os.open(self.uri, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-            except FileExistsError:
-                pass
-            else:
-                with os.fdopen(fd, "w") as f:
-                    json.dump(record, f)
-                return None
-        current = self.read()
-        if current and current["owner"] != self.owner and \
-                datetime.fromisoformat(current["expires"]) > self.registry.now().astimezone(UTC):
-            raise LockHeld(f"retrain lock held by {current['owner']} (heartbeat {current['heartbeat']}, "
-                           f"expires {current['expires']})")
-        self.registry._write_json(record, "retrain.lock")
-        if (self.read() or {}).get("owner") != self.owner:
-            raise LockHeld(f"lost the race for {self.uri}")
+        Raises LockHeld if a live owner has it or another contender won the race for it."""
+        if self._create(self._record()):
+            return None
+        with self._guard():
+            current, etag = self._read_versioned()
+            if current is None:  # released since our create failed: one more try, and no more
+                if self._create(self._record()):
+                    return None
+                raise LockHeld(f"lost the race for {self.uri}")
+            if current["owner"] != self.owner and \
+                    datetime.fromisoformat(current["expires"]) > self.registry.now().astimezone(UTC):
+                raise LockHeld(f"retrain lock held by {current['owner']} (heartbeat {current['heartbeat']}, "
+                               f"expires {current['expires']})")
+            if not self._replace(self._record(), etag):
+                raise LockHeld(f"lost the race for {self.uri}: another owner took it over first")
         return current
 
     def heartbeat(self) -> None:
-        current = self.read()
-        if not current or current["owner"] != self.owner:
-            raise LockHeld(f"retrain lock {self.uri} was taken over by {current and current['owner']}")
-        self.registry._write_json(self._record(current["acquired"]), "retrain.lock")
+        with self._guard():
+            current, etag = self._read_versioned()
+            if not current or current["owner"] != self.owner or \
+                    not self._replace(self._record(current["acquired"]), etag):
+                now = self.read()
+                raise LockHeld(f"retrain lock {self.uri} was taken over by {now and now['owner']}")
 
     def release(self) -> None:
-        current = self.read()
-        if current and current["owner"] == self.owner:
+        with self._guard():
+            current, etag = self._read_versioned()
+            if not current or current["owner"] != self.owner:
+                return
             fs, path = storage.filesystem(self.uri)
-            fs.rm_file(path)
+            if not self.s3:
+                fs.rm_file(path)
+                return
+            bucket, key = path.split("/", 1)
+            try:  # conditional: a takeover since our read keeps its lock
+                fs.call_s3("delete_object", Bucket=bucket, Key=key, IfMatch=etag)
+            except OSError as e:
+                if not _precondition_failed(e):
+                    raise
+
+
+def _precondition_failed(e: BaseException) -> bool:
+    """An S3 conditional request refused (412), as s3fs translates it; also a key that vanished."""
+    return isinstance(e, FileNotFoundError) or getattr(e, "errno", None) == errno.EINVAL or \
+        "PreconditionFailed" in str(e) or "412" in str(e)

@@ -9,13 +9,16 @@ over):
     a candidate for exactly this (parent, shard set) exists
         rejected            -> keep production, record why (same data, same verdict)
         undecided           -> finish it: decide (a tick that died after registering)
-    otherwise               -> retrain (from production) -> evaluate -> register
+    otherwise               -> retrain from production on ``select_shards`` (default: the new shards +
+                               a replayed sample of earlier ones) -> evaluate -> register
     metric >= production - tolerance (or <= + tolerance for "min" metrics) -> promote -> roll Serve
                                                           else -> reject, keep production
 
 Production only changes through ``Registry.promote`` (one atomic pointer write), after the candidate is
 fully registered, so a tick killed anywhere leaves the old model in production and serving. Every tick
-writes a decision record. The steps are injected (``RetrainRunner``); ``pipelines.lifecycle.jobs_client.JobsRunner``
+writes a decision record (with the ids of the jobs that tick ran). A version's lineage says which
+shards it accounts for (``shards``), which its run was given (``trained_on``: new + replayed) and read
+(``shards_read``, from the run's own ``training_data.json``), and its parent (``parent_version``). The steps are injected (``RetrainRunner``); ``pipelines.lifecycle.jobs_client.JobsRunner``
 runs them as Ray Jobs. Time comes from an injected ``now`` so tests can drive the clock.
 """
 
@@ -23,103 +26,45 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
+import posixpath
+import random
 import socket
 import threading
 import time
 import uuid
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime
 from typing import Any, Callable, Literal, Protocol
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from croniter import croniter
 
 from pipelines import storage
 from pipelines.lifecycle.jobs_client import JobsConfig, RolloutConfig
 from pipelines.lifecycle.registry import LockHeld, Registry, RegistryLock, Version
 
-# ---------------------------------------------------------------- cron (5 fields, POSIX semantics)
-_FIELDS = (("minute", 0, 59), ("hour", 0, 23), ("day of month", 1, 31), ("month", 1, 12), ("day of week", 0, 7))
-_NAMES = {3: "jan feb mar apr may jun jul aug sep oct nov dec".split(), 4: "sun mon tue wed thu fri sat".split()}
+# ---------------------------------------------------------------- cron
+def next_fire(expr: str, after: datetime) -> datetime:
+    """The first time strictly after ``after`` at which ``expr`` fires, in ``after``'s timezone.
+
+    croniter does the calendar: 5-field POSIX syntax, names, ``@daily``/``@hourly``/..., cron(8)'s
+    day-of-month OR day-of-week rule, and DST (a wall time skipped in spring fires at the first time
+    that exists after it; one repeated in autumn fires once).
+
+    Why an in-process cron at all, next to ``cluster/cronjob-retrain.yaml`` and
+    ``cluster/raycronjob-retrain.yaml``: on a cluster those manifests are the scheduler (``--once``
+    per firing; Kubernetes owns the calendar, retries and history) and this function is unused. The
+    built-in loop is the one-machine form (a laptop, a VM with no Kubernetes) that ARCHITECTURE.md
+    lists as a component; with croniter it is a dozen lines, so it stays.
+    """
+    return croniter(expr, after).get_next(datetime)
 
 
-def _parse_field(text: str, index: int) -> frozenset[int]:
-    name, lo, hi = _FIELDS[index]
-    names = {n: i + (1 if index == 3 else 0) for i, n in enumerate(_NAMES.get(index, []))}
-
-    def value(tok: str) -> int:
-        v = names.get(tok.lower())
-        if v is None:
-            if not tok.isdigit():
-                raise ValueError(f"cron {name}: {tok!r} is not a number")
-            v = int(tok)
-        if not lo <= v <= hi:
-            raise ValueError(f"cron {name}: {v} is outside {lo}-{hi}")
-        return v
-
-    out: set[int] = set()
-    for part in text.split(","):
-        base, _, step_text = part.partition("/")
-        step = int(step_text) if step_text.isdigit() and int(step_text) > 0 else None
-        if step_text and step is None:
-            raise ValueError(f"cron {name}: bad step in {part!r}")
-        if base == "*":
-            start, end = lo, hi
-        elif "-" in base:
-            start, end = (value(t) for t in base.split("-", 1))
-            if start > end:
-                raise ValueError(f"cron {name}: range {base!r} runs backwards")
-        else:
-            start = value(base)
-            end = hi if step else start  # "5/15" = from 5 to the end, every 15
-        out.update(range(start, end + 1, step or 1))
-    if index == 4 and 7 in out:  # 0 and 7 are both Sunday
-        out = (out - {7}) | {0}
-    return frozenset(out)
-
-
-@dataclass(frozen=True)
-class Cron:
-    """``Cron.parse("0 3 * * *")``: numbers, ``*``, lists, ranges, steps, month/day names. When both
-    day-of-month and day-of-week are restricted a day matches either (as in cron(8))."""
-
-    minutes: frozenset[int]
-    hours: frozenset[int]
-    days: frozenset[int]
-    months: frozenset[int]
-    weekdays: frozenset[int]  # 0 = Sunday
-    any_day: bool
-    any_weekday: bool
-
-    @classmethod
-    def parse(cls, expr: str) -> Cron:
-        parts = expr.split()
-        if len(parts) != 5:
-            raise ValueError(f"cron {expr!r}: expected 5 fields (minute hour day-of-month month day-of-week)")
-        sets = [_parse_field(p, i) for i, p in enumerate(parts)]
-        return cls(*sets, any_day=parts[2].startswith("*"), any_weekday=parts[4].startswith("*"))
-
-    def _day_matches(self, t: datetime) -> bool:
-        dom, dow = t.day in self.days, (t.isoweekday() % 7) in self.weekdays
-        if self.any_day or self.any_weekday:
-            return dom and dow
-        return dom or dow
-
-    def matches(self, t: datetime) -> bool:
-        return t.minute in self.minutes and t.hour in self.hours and t.month in self.months and self._day_matches(t)
-
-    def next_after(self, t: datetime) -> datetime:
-        """The first matching minute strictly after ``t`` (same tzinfo as ``t``)."""
-        t = t.replace(second=0, microsecond=0) + timedelta(minutes=1)
-        limit = t + timedelta(days=366 * 8)  # "29 2 *" can be 8 years away
-        while t < limit:
-            if t.month not in self.months or not self._day_matches(t):
-                t = (t + timedelta(days=1)).replace(hour=0, minute=0)
-            elif t.hour not in self.hours:
-                t = (t + timedelta(hours=1)).replace(minute=0)
-            elif t.minute not in self.minutes:
-                t += timedelta(minutes=1)
-            else:
-                return t
-        raise ValueError("cron expression never matches")
+def check_cron(expr: str) -> None:
+    if not croniter.is_valid(expr):
+        raise ValueError(f"cron {expr!r} is not a valid cron expression (5 fields or @daily/@hourly/...)")
 
 
 # ---------------------------------------------------------------- config + steps
@@ -134,18 +79,33 @@ class ScheduleConfig:
     metric: str = "accuracy"
     metric_mode: Literal["max", "min"] = "max"
     tolerance: float = 0.0  # promote if metric >= production - tolerance ("min": <= production + tolerance)
+    # What a retrain reads (see select_shards): the new shards plus a replayed sample of earlier ones
+    # (against forgetting, at a cost proportional to the new data), only the new ones, or everything.
+    train_on: Literal["new+replay", "new", "all"] = "new+replay"
+    replay_fraction: float = 0.5  # new+replay: ceil(fraction * #new) earlier shards, at most all of them
     lock_ttl_s: float = 3600.0  # a lock whose heartbeat is older than this belongs to a dead tick
     jobs: JobsConfig = field(default_factory=JobsConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
 
     def __post_init__(self) -> None:
-        Cron.parse(self.cron)
+        check_cron(self.cron)
+        try:
+            ZoneInfo(self.timezone)
+        except (ZoneInfoNotFoundError, ValueError) as e:
+            raise ValueError(f"timezone {self.timezone!r} is not an IANA zone name") from e
         if self.tolerance < 0:
             raise ValueError(f"tolerance must be >= 0, got {self.tolerance}")
+        if self.replay_fraction < 0:
+            raise ValueError(f"replay_fraction must be >= 0, got {self.replay_fraction}")
 
 
 class RetrainRunner(Protocol):
-    def retrain(self, parent_model_dir: str | None, manifest_uri: str, new_shards: list[str], run_name: str) -> str: ...
+    """The steps. ``retrain`` trains on exactly ``shards`` (names in the manifest at ``manifest_uri``) from
+    ``parent_model_dir`` and returns the exported model directory; a run that records what it read
+    writes ``training_data.json`` into it (``pipelines.train.loop.train`` does). A runner that submits
+    jobs may expose ``job_ids`` (step -> job id): the scheduler empties it when a tick starts."""
+
+    def retrain(self, parent_model_dir: str | None, manifest_uri: str, shards: list[str], run_name: str) -> str: ...
     def evaluate(self, model_dir: str) -> dict[str, Any]: ...
     def rollout(self, model_dir: str) -> None: ...
 
@@ -156,11 +116,37 @@ def read_manifest(uri: str) -> dict[str, Any]:
     return json.loads(storage.read_bytes(uri))
 
 
-def run_name_for(dataset_version: str, parent: Version | None, shards: list[str]) -> str:
-    """Deterministic per (parent, data): a retried tick continues the same Ray Train run from its last
-    checkpoint (RunConfig name + storage_path) instead of starting over."""
-    digest = hashlib.sha256("\n".join(sorted(shards)).encode()).hexdigest()[:8]
+def run_name_for(dataset_version: str, parent: Version | None, shards: list[str], policy: str = "") -> str:
+    """Deterministic per (parent, data, shard policy): a retried tick continues the same Ray Train run
+    from its last checkpoint (RunConfig name + storage_path) instead of starting over."""
+    digest = hashlib.sha256("\n".join([*sorted(shards), policy]).encode()).hexdigest()[:8]
     return f"retrain-{dataset_version}-{parent.id.split('-')[0] if parent else 'scratch'}-{digest}"
+
+
+def select_shards(names: list[str], new: list[str], train_on: str, replay_fraction: float,
+                  seed: str) -> tuple[list[str], list[str]]:
+    """(shards to train on, the replayed earlier ones among them), in manifest order.
+
+    ``new+replay`` (default): fine-tuning from production on the new shards alone drifts away from what
+    production learnt; retraining on everything costs more every tick. Mixing in ceil(fraction * #new)
+    earlier shards, drawn at random, keeps earlier data in view at a cost that grows with the new data
+    only. The draw is seeded by the run name, so a retried tick reads the same shards and resumes its
+    run. ``new``: the new shards only. ``all``: every shard of the manifest."""
+    if train_on == "all":
+        return list(names), [n for n in names if n not in set(new)]
+    earlier = [n for n in names if n not in set(new)]
+    k = min(len(earlier), math.ceil(replay_fraction * len(new))) if train_on == "new+replay" else 0
+    replayed = set(random.Random(seed).sample(earlier, k))
+    return [n for n in names if n in set(new) or n in replayed], [n for n in earlier if n in replayed]
+
+
+def shards_read(model_dir: str) -> dict[str, int] | None:
+    """{shard name: samples read} from the run's own ``training_data.json``; None if it wrote none."""
+    uri = storage.join(model_dir, "training_data.json")
+    if not storage.exists(uri):
+        return None
+    record = json.loads(storage.read_bytes(uri))
+    return {posixpath.basename(path): int(n) for path, n in record["shards_read"].items()}
 
 
 # ---------------------------------------------------------------- the tick
@@ -186,6 +172,9 @@ class Scheduler:
         """Run one tick; returns (and logs) its decision record. Failures are recorded, not raised."""
         record: dict[str, Any] = {"tick": self.now().isoformat(), "owner": self.owner, "new_shards": [],
                                   "job_ids": {}, "metrics": None, "production_metrics": None, "version": None}
+        job_ids = getattr(self.runner, "job_ids", None)
+        if job_ids is not None:
+            job_ids.clear()  # the record names this tick's jobs, never an earlier tick's
         lock = RegistryLock(self.registry, self.owner, self.cfg.lock_ttl_s)
         try:
             stale = lock.acquire()
@@ -204,7 +193,7 @@ class Scheduler:
             record.update(decision="failed", reason=f"{type(e).__name__}: {e}")
         finally:
             stop.set()
-            record["job_ids"].update(getattr(self.runner, "job_ids", {}))
+            record["job_ids"].update(job_ids or {})
             self.registry.log_decision(record)
             lock.release()
         return record
@@ -244,14 +233,24 @@ class Scheduler:
         if candidate:
             record["resumed"] = candidate.id  # registered by a tick that died before deciding
         else:
-            run_name = run_name_for(str(manifest.get("dataset_version")), prod, names)
-            record["run_name"] = run_name
-            model_dir = self.runner.retrain(prod.model_uri if prod else None, cfg.manifest, new, run_name)
+            policy = f"{cfg.train_on}:{cfg.replay_fraction}" if cfg.train_on == "new+replay" else cfg.train_on
+            run_name = run_name_for(str(manifest.get("dataset_version")), prod, names, policy)
+            trained_on, replayed = select_shards(names, new, cfg.train_on, cfg.replay_fraction, run_name)
+            record.update(run_name=run_name, trained_on=trained_on)
+            model_dir = self.runner.retrain(prod.model_uri if prod else None, cfg.manifest, trained_on, run_name)
             lock.heartbeat()
+            read = shards_read(model_dir)
+            if read is not None and set(read) - set(trained_on):
+                raise RuntimeError(f"run {run_name} read shards it was not given: {sorted(set(read) - set(trained_on))}")
             metrics = self.runner.evaluate(model_dir)
             lock.heartbeat()
+            # shards: every shard this version accounts for (the parent's + the new ones), which the next
+            # tick diffs against; trained_on: what this run was given; shards_read: what it reports reading.
             lineage = {"dataset_version": manifest.get("dataset_version"), "shards": names,
-                       "parent_version": parent_id, "run_name": run_name, "manifest": cfg.manifest,
+                       "new_shards": new, "trained_on": trained_on, "replayed_shards": replayed,
+                       "shards_read": read, "train_on": cfg.train_on, "replay_fraction": cfg.replay_fraction,
+                       "parent_version": parent_id, "parent_model": prod.model_uri if prod else None,
+                       "run_name": run_name, "manifest": cfg.manifest,
                        "run_config": {"train_config": cfg.jobs.train_config,
                                       "train_overrides": list(cfg.jobs.train_overrides),
                                       "eval_config": cfg.jobs.eval_config, "val": cfg.val}}
@@ -282,11 +281,11 @@ class Scheduler:
 
     def run(self, max_ticks: int | None = None, sleep: Callable[[float], None] = time.sleep) -> None:
         """Tick at every cron match (in the timezone of ``now()``), forever or ``max_ticks`` times."""
-        cron = Cron.parse(self.cfg.cron)
         done = 0
         while max_ticks is None or done < max_ticks:
             t = self.now()
-            sleep(max(0.0, (cron.next_after(t) - t).total_seconds()))
+            # in UTC: aware datetimes sharing a tzinfo subtract as wall times, an hour off across DST
+            sleep(max(0.0, (next_fire(self.cfg.cron, t).astimezone(UTC) - t.astimezone(UTC)).total_seconds()))
             record = self.tick()
             print(json.dumps({k: record.get(k) for k in ("tick", "decision", "reason", "version")}), flush=True)
             done += 1

@@ -2,7 +2,8 @@
 
 YAML is its serialisation (jobs/configs/train_*.yaml); ``key=value`` overrides go through
 ``slime.config.load_config``. The scheduler calls training with exactly
-``init_from=<dir> data.manifest=<uri> export_dir=<dir> name=<run>``, so those keys live at these paths.
+``init_from=<dir> data.shards=[<tar URI>, ...] export_dir=<dir> name=<run>`` (the exact shards it chose), so
+those keys live at these paths; the exported model's ``training_data.json`` says which shards were read.
 
 A phase says what trains (module-name prefixes), which visual tokens are fed (``mode``), the global
 expert to pin (``forced_expert``), the local keep ratio ``gamma``, the learning rate and how long it

@@ -17,6 +17,7 @@ the order is deterministic), ``continue`` just trains on from the epoch start.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import tempfile
@@ -130,7 +131,7 @@ def train(cfg: TrainConfig) -> dict:
     import ray.train
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    from pipelines.data.ingest import build_dataset, ingest_options
+    from pipelines.data.ingest import build_dataset, ingest_options, list_shards, shards_read
 
     if isinstance(cfg.engine.deepspeed, str):  # resolved here: workers may not see the driver's files
         with open(cfg.engine.deepspeed) as f:
@@ -162,11 +163,18 @@ def train(cfg: TrainConfig) -> dict:
     checkpoint_uri = result.checkpoint.path
     if storage.is_s3(cfg.storage_path):
         checkpoint_uri = "s3://" + checkpoint_uri.lstrip("/")
+    # What this run read, from the read tasks themselves (not from the config): it travels with the
+    # model, so the scheduler's lineage can say which shards a version was trained on.
+    read: dict[str, int] = {}
+    for name in sorted({d.metrics_name for d in dcfgs.values()}):
+        read.update(shards_read(name))
+    data = {"run": cfg.name, "shards_read": read, "phase_shards": {n: list_shards(d) for n, d in dcfgs.items()}}
     if cfg.export_dir:
-        export_model(storage.join(checkpoint_uri, "model"), cfg.export_dir)
+        export_model(storage.join(checkpoint_uri, "model"), cfg.export_dir,
+                     extra={"training_data.json": json.dumps(data, indent=1).encode()})
     return {"name": cfg.name, "checkpoint": checkpoint_uri, "export_dir": cfg.export_dir, "phase_steps": plan,
             "phases": [p.name for p in phases], "metrics": result.metrics, "metrics_log": log_uri,
-            "loss_plot": plot}
+            "loss_plot": plot, "shards_read": read}
 
 
 def logs_uri(cfg: TrainConfig) -> str:

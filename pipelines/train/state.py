@@ -160,12 +160,17 @@ class RunLog:
                 self.writer.close()
 
 
-def export_model(src_uri: str, export_dir: str) -> None:
-    """Publish a model directory atomically. Local: copy to a sibling temp dir, then rename over the old
-    one. S3 (no rename): delete the old prefix, upload every file with slime_config.yaml (the file
-    load_pretrained looks for first) last, then an ``EXPORT_COMPLETE`` marker: a half-uploaded export
-    is never recognised as a model directory."""
+def export_model(src_uri: str, export_dir: str, extra: dict[str, bytes] | None = None) -> None:
+    """Publish a model directory atomically, with ``extra`` files (name -> bytes) added to it. Local: copy
+    to a sibling temp dir, then rename over the old one. S3 (no rename): delete the old prefix, upload
+    every file with slime_config.yaml (the file load_pretrained looks for first) last, then an
+    ``EXPORT_COMPLETE`` marker: a half-uploaded export is never recognised as a model directory."""
     import shutil
+
+    def add_extra(directory: str) -> None:
+        for name, data in (extra or {}).items():
+            with open(os.path.join(directory, name), "wb") as f:
+                f.write(data)
 
     if not storage.is_s3(export_dir):
         dst = os.path.abspath(export_dir)
@@ -173,6 +178,7 @@ def export_model(src_uri: str, export_dir: str) -> None:
         if os.path.exists(tmp):
             shutil.rmtree(tmp)
         storage.copy_dir(src_uri, tmp)
+        add_extra(tmp)
         if os.path.exists(dst):
             shutil.rmtree(dst)
         os.rename(tmp, dst)
@@ -184,6 +190,7 @@ def export_model(src_uri: str, export_dir: str) -> None:
         fs.rm(path, recursive=True)
     with tempfile.TemporaryDirectory() as local:
         storage.copy_dir(src_uri, local)
+        add_extra(local)
         last = os.path.join(local, "slime_config.yaml")
         held = open(last, "rb").read()
         os.unlink(last)
