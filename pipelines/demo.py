@@ -54,11 +54,9 @@ def _data_url(path: Path) -> str:
     return f"data:{mime};base64," + base64.b64encode(path.read_bytes()).decode()
 
 
-def _print_per_task(raw: Path, predictions: Path) -> None:
-    """Held-out accuracy per task next to chance (the most common training answer), and 3 examples."""
-    answers = collections.defaultdict(collections.Counter)
-    for r in json.loads((raw / "train.json").read_text()):
-        answers[r["task"]][r["conversations"][-1]["value"]] += 1
+def _print_per_task(raw: Path, metrics: dict, predictions: Path) -> None:
+    """Held-out accuracy per task next to chance, both as metrics.json has them (pipelines.evaluate.chance
+    says what chance is), and 3 examples."""
     questions = {r["id"]: r["conversations"][0]["value"].replace("<image>", "").strip()
                  for r in json.loads((raw / "val.json").read_text())}
     by_task = collections.defaultdict(list)
@@ -67,11 +65,9 @@ def _print_per_task(raw: Path, predictions: Path) -> None:
             row = json.loads(line)
             by_task[row["task"]].append(row)
     print(f"{'task':<14} {'kind':<7} {'n':>4} {'accuracy':>9} {'chance':>7}")
-    for task, rs in sorted(by_task.items()):
-        guess = answers[task].most_common(1)[0][0] if answers[task] else ""
-        acc, base = (sum(map(f, rs)) / len(rs) for f in (lambda r: bool(r["correct"]),
-                                                          lambda r: r["reference"] == guess))
-        print(f"{task:<14} {rs[0]['qtype']:<7} {len(rs):>4} {acc:>9.3f} {base:>7.3f}")
+    for task, t in sorted(metrics["per_task"].items()):
+        kind = by_task[task][0]["qtype"] if by_task.get(task) else ""
+        print(f"{task:<14} {kind:<7} {t['num_samples']:>4} {t['accuracy']:>9.3f} {t['chance']:>7.3f}")
     tasks = sorted(by_task)
     examples = [by_task[tasks[i % len(tasks)]][i // len(tasks)] for i in range(3)
                 if i // len(tasks) < len(by_task[tasks[i % len(tasks)]])]
@@ -140,8 +136,8 @@ def run_demo(cfg: DemoConfig) -> dict:
                                       output=str(work / "eval" / "metrics.json")))
         timings["evaluate_s"] = time.perf_counter() - t
         print(f"accuracy {metrics['accuracy']:.3f} on {metrics['num_samples']} held-out questions on "
-              f"{metrics['engine']} ({metrics['errors']} errors)")
-        _print_per_task(raw, work / "eval" / "predictions.jsonl")
+              f"{metrics['engine']} ({metrics['errors']} errors, counted wrong)")
+        _print_per_task(raw, metrics, work / "eval" / "predictions.jsonl")
         print(f"metrics -> {metrics['output']}\naccuracy plot -> {metrics['plot']}")
 
         t = _step("5/6 register + promote")

@@ -11,9 +11,18 @@ Both encode through ``ChatEncoder``, so evaluation and serving cannot disagree o
 decoding, and the vLLM numbers are the ones the endpoint would produce.
 
 Metrics: exact match (string equality after stripping whitespace) and normalised accuracy (lowercase,
-punctuation and the articles a/an/the removed, whitespace collapsed), overall and per ``qtype``;
-visual tokens per sample; latency (per generate batch and per sample) and throughput. ``accuracy`` is
-the normalised one (what the retraining scheduler compares).
+punctuation and the articles a/an/the removed, whitespace collapsed), overall, per ``qtype`` and per
+task (with its ``chance``, see ``chance``); visual tokens per sample; per-request latency and throughput.
+``accuracy`` is the normalised one (what the retraining scheduler compares).
+
+Every sample counts: one that fails (a bad record, an image the engine refuses, a prompt too long) is
+wrong, so ``accuracy`` is over all ``num_samples`` and a model cannot raise its score by failing on the
+hard half. The failures are also reported on their own: ``errors`` (how many) and ``error_codes``
+(``InputError.code``, or ``invalid_record`` for a record without a final gpt turn).
+
+Latency is per request as the engine ran it: from the submission of the request's batch to the engine
+step that finished that request (``ChatResult.latency_s``); a batch's wall time divided by its size would
+be the inverse of throughput, not anybody's latency. Failed samples have none.
 """
 
 from __future__ import annotations
@@ -112,12 +121,13 @@ class EvalPredictor:
         from slime.errors import InputError
         from slime.predictor import ChatRequest
 
-        rows, reqs, errors = [], [], []
+        rows, reqs = [], []
         for image, meta in zip(batch["image"], batch["json"]):
             record = json.loads(meta)
             row = {"id": str(record.get("id", "")), "qtype": str(record.get("qtype", "all")),
                    "task": str(record.get("task", "")), "reference": "", "prediction": "", "error": "",
-                   "visual_tokens": 0, "prompt_tokens": 0, "completion_tokens": 0, "latency_s": 0.0}
+                   "error_code": "", "visual_tokens": 0, "prompt_tokens": 0, "completion_tokens": 0,
+                   "latency_s": 0.0}
             try:
                 messages, row["reference"] = split_record(record)
                 if self.suffix:
@@ -128,7 +138,7 @@ class EvalPredictor:
                 self.predictor.encode(req)  # validate alone: one bad record must not sink the batch
                 reqs.append(req)
             except (InputError, ValueError, KeyError) as e:
-                row["error"] = f"{type(e).__name__}: {e}"
+                row.update(error=f"{type(e).__name__}: {e}", error_code=getattr(e, "code", "invalid_record"))
                 reqs.append(None)
             rows.append(row)
         good = [i for i, r in enumerate(reqs) if r is not None]
@@ -136,7 +146,7 @@ class EvalPredictor:
             for i, res in zip(good, self.predictor.generate([reqs[i] for i in good])):
                 rows[i].update(prediction=res.text.strip(), visual_tokens=res.visual_tokens,
                                prompt_tokens=res.prompt_tokens, completion_tokens=res.completion_tokens,
-                               latency_s=res.latency_s / len(good))
+                               latency_s=res.latency_s)
         for row in rows:
             ok = not row["error"]
             row["exact"] = ok and row["prediction"].strip() == row["reference"].strip()
@@ -144,26 +154,56 @@ class EvalPredictor:
         return {k: np.asarray([r[k] for r in rows]) for k in rows[0]} if rows else {}
 
 
+LATENCY_MEASURES = ("seconds from the submission of a request's batch to the engine until that request's last "
+                    "token (per request, not batch time / batch size); samples that failed have none")
+CHANCE_IS = "1 / the number of distinct (normalised) reference answers of the task: uniform guessing over its answers"
+
+
+def chance(references: list[str]) -> float:
+    """What answering without looking at the image scores on one task: 1 / |the task's answer set|, the
+    set being the distinct normalised references in the evaluated data.
+
+    Why uniform and not the majority answer: (1) it is exact. Our tasks draw their answers uniformly
+    (pipelines/data/synth_tasks.py), so every answer that ignores the image scores 1/|A| in expectation;
+    the majority answer's rate is only an estimate of that, and a biased one when the guess is picked on
+    the references it is scored on (the largest of |A| sampled frequencies: 0.325 and 0.3125 for 1/4 on
+    the demo's 80 questions), or a noisy one when picked on the training answers (0.188 and 0.225 there).
+    (2) It needs nothing but the evaluated data: evaluation does not see the training set, and a
+    baseline that peeks at the scored references is not one. (3) On open answers (captions) it goes to
+    ~0, which is what guessing scores. Its limit: on a skewed answer distribution a model that learned
+    the answer prior alone beats it (e.g. "yes" on a 70 %-yes set), so there it is a floor for guessing,
+    not for a blind model. A task whose evaluated sample misses some answers gets a chance too high."""
+    answers = {normalize_answer(r) for r in references if r}
+    return 1.0 / len(answers) if answers else 0.0
+
+
 def summarize(rows: list[dict]) -> dict:
+    """Rows of ``EvalPredictor`` -> metrics. Failed rows count as wrong (module docstring)."""
+    def right(r: dict, key: str) -> bool:
+        return not r["error"] and bool(r[key])
+
     def block(rs: list[dict]) -> dict:
         n = len(rs)
-        return {"num_samples": n, "exact_match": sum(bool(r["exact"]) for r in rs) / n if n else 0.0,
-                "accuracy": sum(bool(r["correct"]) for r in rs) / n if n else 0.0}
+        return {"num_samples": n, "exact_match": sum(right(r, "exact") for r in rs) / n if n else 0.0,
+                "accuracy": sum(right(r, "correct") for r in rs) / n if n else 0.0,
+                "errors": sum(bool(r["error"]) for r in rs)}
 
-    scored = [r for r in rows if not r["error"]]
-    per_qtype = {q: block([r for r in scored if r["qtype"] == q]) for q in sorted({r["qtype"] for r in scored})}
+    per_qtype = {q: block([r for r in rows if r["qtype"] == q]) for q in sorted({r["qtype"] for r in rows})}
     per_task = {}
-    for task in sorted({r.get("task") or r["qtype"] for r in scored}):
-        rs = [r for r in scored if (r.get("task") or r["qtype"]) == task]
-        answers = collections.Counter(normalize_answer(str(r.get("reference", ""))) for r in rs)
-        # chance = always giving the task's most common reference answer (what a model ignoring the image scores)
-        per_task[task] = block(rs) | {"chance": answers.most_common(1)[0][1] / len(rs)}
-    latencies = [float(r["latency_s"]) for r in scored]
-    return {**block(scored), "errors": len(rows) - len(scored), "per_qtype": per_qtype, "per_task": per_task,
-            "visual_tokens_per_sample": float(np.mean([int(r["visual_tokens"]) for r in scored])) if scored else 0.0,
-            "latency_s_per_sample": {"mean": float(np.mean(latencies)) if latencies else 0.0,
-                                     "p50": float(np.percentile(latencies, 50)) if latencies else 0.0,
-                                     "p95": float(np.percentile(latencies, 95)) if latencies else 0.0}}
+    for task in sorted({r.get("task") or r["qtype"] for r in rows}):
+        rs = [r for r in rows if (r.get("task") or r["qtype"]) == task]
+        per_task[task] = block(rs) | {"chance": chance([str(r.get("reference", "")) for r in rs])}
+    generated = [r for r in rows if not r["error"]]
+    latencies = [float(r["latency_s"]) for r in generated]
+    codes = collections.Counter(r.get("error_code") or "error" for r in rows if r["error"])
+    return {**block(rows), "error_codes": dict(sorted(codes.items())), "per_qtype": per_qtype,
+            "per_task": per_task, "chance_is": CHANCE_IS,
+            "visual_tokens_per_sample": float(np.mean([int(r["visual_tokens"]) for r in generated])) if generated
+            else 0.0,
+            "latency_s_per_request": {"mean": float(np.mean(latencies)) if latencies else 0.0,
+                                      "p50": float(np.percentile(latencies, 50)) if latencies else 0.0,
+                                      "p95": float(np.percentile(latencies, 95)) if latencies else 0.0,
+                                      "measures": LATENCY_MEASURES}}
 
 
 def evaluate(cfg: EvalConfig) -> dict:

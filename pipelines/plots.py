@@ -2,8 +2,8 @@
 
     plot_training(metrics.jsonl rows) -> loss.png   loss per optimizer step, one colour per phase, phase
                                                     boundaries marked, learning rate on a second axis
-    plot_accuracy(metrics.json dict)  -> accuracy.png  accuracy per task (or qtype) with the
-                                                    majority-answer baseline ("chance") marked on each bar
+    plot_accuracy(metrics.json dict)  -> accuracy.png  accuracy per task (or qtype) with the task's
+                                                    chance (pipelines.evaluate.chance) marked on each bar
 
 matplotlib with the headless Agg backend; nothing here needs a display. Both return PNG bytes so the
 caller writes them next to the numbers they show (local or s3:// through pipelines.storage).
@@ -91,7 +91,7 @@ def plot_accuracy(metrics: dict, title: str = "evaluation") -> bytes:
     """Bars of accuracy per task (``per_task`` if present, else ``per_qtype``), chance as a black tick."""
     groups = metrics.get("per_task") or metrics.get("per_qtype") or {}
     names = sorted(groups)
-    plt, fig = _figure(max(5.0, 1.1 * len(names) + 2), 4.2)
+    plt, fig = _figure(max(5.5, 1.1 * len(names) + 2), 4.6)
     ax = fig.add_subplot(1, 1, 1)
     acc = [groups[n]["accuracy"] for n in names]
     bars = ax.bar(names, acc, color="tab:blue", label="accuracy")
@@ -99,13 +99,16 @@ def plot_accuracy(metrics: dict, title: str = "evaluation") -> bytes:
         chance = groups[n].get("chance")
         if chance is not None:
             ax.hlines(chance, i - 0.4, i + 0.4, colors="black", linewidth=2,
-                      label="chance (majority answer)" if i == 0 else None)
-        ax.text(i, acc[i] + 0.02, f"{acc[i]:.2f}\nn={groups[n]['num_samples']}", ha="center", fontsize=8)
-    ax.set_ylim(0, 1.15)
+                      label="chance (uniform over the task's answers)" if i == 0 else None)
+        top = max(acc[i], chance or 0.0)  # the label sits above the bar and its chance tick
+        ax.text(i, top + 0.02, f"{acc[i]:.2f}\nn={groups[n]['num_samples']}", ha="center", va="bottom", fontsize=8)
+    ax.set_ylim(0, 1.2)
     ax.set_ylabel("accuracy")
-    ax.set_title(f"{title}: overall {metrics.get('accuracy', 0.0):.3f} on {metrics.get('num_samples', 0)} questions")
-    if bars:
-        ax.legend(loc="upper right", fontsize=8)
+    errors = metrics.get("errors", 0)
+    ax.set_title(f"{title}\noverall {metrics.get('accuracy', 0.0):.3f} on {metrics.get('num_samples', 0)} questions"
+                 + (f" ({errors} failed, counted wrong)" if errors else ""), pad=22, fontsize=10)
+    if bars:  # above the axes, under the title: inside them it covered a bar's label
+        ax.legend(loc="lower center", bbox_to_anchor=(0.5, 1.0), ncol=2, fontsize=8, frameon=False)
     plt.setp(ax.get_xticklabels(), rotation=20, ha="right")
     return _png(plt, fig)
 

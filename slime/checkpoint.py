@@ -5,7 +5,12 @@
     <dir>/vision_config.json    HF config of the vision encoder
     <dir>/model.safetensors     every parameter and saved buffer of SlimeModel (the resamplers' sin-cos tables too)
     <dir>/tokenizer/            the tokenizer, saved with the model (nothing is downloaded)
-    <dir>/metadata.json         format version, parameter counts, training provenance
+    <dir>/metadata.json         format version, parameter counts, training provenance (``serving``: the
+                                visual mode, gamma and selector settings the weights were trained with)
+
+The config's ``visual_mode`` and ``local.gamma`` are the model's serving defaults: what the Predictor,
+the vLLM engine, evaluation and explain use when a request or config does not say. Training writes the
+phase's own (``serving_config``), so a model is served as it was trained.
 
 Writes are atomic for local directories (a temp dir renamed into place); ``load_pretrained`` accepts a
 local path or any fsspec URI (s3://...).
@@ -24,19 +29,32 @@ import yaml
 from safetensors.torch import load_file, save_file
 from transformers import AutoTokenizer
 
-from slime.config import ModelConfig, from_dict, replace, to_dict
+from slime.config import ModelConfig, VisualMode, from_dict, replace, to_dict
 from slime.storage import local_copy
 
 FORMAT_VERSION = 2  # 2: the resamplers' position tables are saved
 
 
-def save_pretrained(model, tokenizer, out_dir: str | Path, metadata: dict | None = None) -> Path:
+def serving_config(cfg: ModelConfig, *, visual_mode: VisualMode, gamma: float) -> ModelConfig:
+    """``cfg`` with the visual tokens and local keep ratio the weights were trained with as serving defaults."""
+    return replace(cfg, visual_mode=visual_mode, local=replace(cfg.local, gamma=gamma))
+
+
+def serving_metadata(cfg: ModelConfig) -> dict:
+    """What metadata.json says the model is served with (the same numbers as its slime_config.yaml)."""
+    return {"visual_mode": cfg.visual_mode, "gamma": cfg.local.gamma, "local": to_dict(cfg.local)}
+
+
+def save_pretrained(model, tokenizer, out_dir: str | Path, metadata: dict | None = None,
+                    cfg: ModelConfig | None = None) -> Path:
+    """Write a model directory; ``cfg`` (default ``model.cfg``) is the config written, e.g. with the
+    trained phase's serving defaults (``serving_config``); it must describe the same architecture."""
     out = Path(out_dir)
     tmp = out.with_name(f".{out.name}.tmp{os.getpid()}")
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    cfg: ModelConfig = model.cfg
+    cfg = cfg or model.cfg
     cfg = replace(cfg, vision=replace(cfg.vision, path=None), llm=replace(cfg.llm, path=None), tokenizer_path=None)
     (tmp / "slime_config.yaml").write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
     llm_conf = model.llm.config.to_dict()
@@ -54,7 +72,8 @@ def save_pretrained(model, tokenizer, out_dir: str | Path, metadata: dict | None
     tokenizer.save_pretrained(str(tmp / "tokenizer"))
     meta = {"format_version": FORMAT_VERSION, "created": time.time(),
             "num_parameters": sum(p.numel() for p in model.parameters()),
-            "image_token_id": model.image_token_id, "separator_id": model.separator_id, **(metadata or {})}
+            "image_token_id": model.image_token_id, "separator_id": model.separator_id,
+            "serving": serving_metadata(cfg), **(metadata or {})}
     (tmp / "metadata.json").write_text(json.dumps(meta, indent=2, default=str))
     if out.exists():
         shutil.rmtree(out)

@@ -12,6 +12,8 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import time
+
 import torch
 
 
@@ -29,6 +31,7 @@ class GenerationOutput:
     token_ids: list[int] = field(default_factory=list)
     text: str = ""
     finish_reason: str = "length"  # "stop" | "length"
+    finished_at: float = 0.0  # time.perf_counter() when this sequence's last token was decided
 
 
 def _sample(logits: torch.Tensor, p: GenerationParams, gen: torch.Generator | None) -> int:
@@ -111,7 +114,7 @@ def generate(model, tokenizer, batch: dict[str, torch.Tensor], params: list[Gene
                 elif len(res.token_ids) >= p.max_new_tokens:
                     active[b] = False
             if not active[b]:
-                res.text = res.text.rstrip(UNFINISHED)
+                res.text, res.finished_at = res.text.rstrip(UNFINISHED), time.perf_counter()
             if on_text is not None:
                 safe = len(res.text) if not active[b] else len(res.text) - _held_back(res.text, p.stop)
                 if safe > streamed[b]:

@@ -31,6 +31,13 @@ lifted 2.5 spreads above 88 others survive training-mode selection at gamma 0.5 
 with the default and with upstream's sum + absolute noise, but 64 % with mean + absolute noise
 (chance 50 %). Every combination stays selectable.
 
+No instruction tokens (the ``plain`` template, a caption prompt, ``text: instruction`` with an empty
+question): there is nothing to rank against, so the selector keeps K evenly spaced tokens
+(``linspace(0, L-1, K)`` rounded), deterministically and the same in training and at inference. Ranking
+would not be a choice: every score is 0, relative noise is 0.1 x std(0) = 0 and ``topk`` over ties keeps
+an arbitrary set (absolute noise: a random one), so training would see other tokens than evaluation.
+Nucleus keeps every slot in that case (K = L).
+
 Shape legend: n crops · P' tokens/crop · Din fused width · Q queries/crop · q = sqrt(Q) · D LLM width ·
 L = n*Q local tokens · T instruction tokens · K kept tokens.
 """
@@ -103,11 +110,11 @@ class TextGuidedSelector(nn.Module):
         (K = kept_count(L, gamma); unused nucleus slots point at index 0 and are invalid)."""
         num_local = tokens.shape[0]
         k = kept_count(num_local, gamma, self.cfg.selection)
-        s = self.noisy(self.scores(tokens, text))
         ones = torch.ones(k, dtype=torch.bool, device=tokens.device)
-        if text.shape[0] == 0 and not self.training:
-            # Nothing to rank against (e.g. a caption prompt): keep evenly spaced tokens.
+        if text.shape[0] == 0:
+            # Nothing to rank against: evenly spaced tokens, in training as at inference (module docstring).
             return torch.linspace(0, num_local - 1, k, device=tokens.device).round().long(), ones
+        s = self.noisy(self.scores(tokens, text))
         if self.cfg.selection == "topk":
             return s.topk(k).indices.sort().values, ones
         # Upstream nucleus: keep tokens whose cumulative probability is <= gamma, plus one more.

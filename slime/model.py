@@ -27,6 +27,9 @@ from slime.connectors import DenseConnector, MixtureOfAdapters, MLPProjector, Re
 from slime.local import LOCALITY, QueryCompressor, TextGuidedSelector, raster_layout
 
 IGNORE_INDEX = -100
+# Fields of the sample contract (slime.processing, pipelines.data.ingest) that the training batches carry and
+# forward does not read: the loop logs num_visual_tokens; the model counts its own tokens from <image>.
+UNREAD_BATCH_KEYS = frozenset({"image_size", "num_visual_tokens"})
 
 
 @dataclass
@@ -160,7 +163,14 @@ class SlimeModel(nn.Module):
 
     def forward(self, input_ids, attention_mask, labels=None, pixel_values=None, tile_mask=None, grid=None,
                 instruction_mask=None, has_image=None, vision_features=None, mode: VisualMode = "both",
-                gamma=None, forced_expert=None, **_unused) -> SlimeOutput:
+                gamma=None, forced_expert=None, **batch_rest) -> SlimeOutput:
+        # A misspelt key (say ``instruction_masks``) would otherwise be dropped and silently change the
+        # selection; only the contract's unread fields may pass.
+        unknown = sorted(set(batch_rest) - UNREAD_BATCH_KEYS)
+        if unknown:
+            raise TypeError(f"SlimeModel.forward got an unknown batch key {unknown[0]!r}; it takes input_ids, "
+                            "attention_mask, labels, pixel_values, tile_mask, grid, instruction_mask, has_image, "
+                            f"vision_features, mode, gamma, forced_expert and ignores {sorted(UNREAD_BATCH_KEYS)}")
         embeds, attn, pos, stats = self.prepare_inputs(input_ids, attention_mask, pixel_values, tile_mask, grid,
                                                        instruction_mask, has_image, vision_features, mode, gamma,
                                                        forced_expert)

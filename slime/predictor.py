@@ -43,6 +43,7 @@ class ChatResult:
     prompt_tokens: int
     completion_tokens: int
     visual_tokens: int
+    # this request's own: from its batch's start on the engine to its last token (not the batch's time / size)
     latency_s: float = 0.0
 
 
@@ -181,10 +182,10 @@ class Predictor:
         with self._lock:
             outs = generate(self.model, self.tokenizer, batch, params, mode=self.mode, gamma=gammas, eos_ids=self.eos_ids,
                             on_text=on_text)
-        latency = time.perf_counter() - start
+        end = time.perf_counter()
         return [ChatResult(text=o.text, finish_reason=o.finish_reason, prompt_tokens=len(s["input_ids"]),
                            completion_tokens=len(o.token_ids), visual_tokens=int(s["num_visual_tokens"]),
-                           latency_s=latency) for o, s in zip(outs, samples)]
+                           latency_s=(o.finished_at or end) - start) for o, s in zip(outs, samples)]
 
     def stream(self, req: ChatRequest) -> Generator[str, None, ChatResult]:
         """Text deltas as they are generated; the generator's return value is the final ChatResult

@@ -122,3 +122,36 @@ def test_format_1_directories_without_position_tables_still_load(tmp_path, tok):
     save_file({k: v for k, v in state.items() if not k.endswith("pos_embed")}, str(out / "model.safetensors"))
     loaded, _ = load_pretrained(str(out))
     assert torch.equal(loaded.compressor.resampler.pos_embed, state["compressor.resampler.pos_embed"])
+
+
+def test_serving_defaults_travel_with_the_weights(tmp_path, tok):
+    """A directory saved with the trained phase's visual mode and gamma (what training writes) is read back
+    with them by every consumer: the Predictor (mode, token count of a request), explain and the view the
+    vLLM engine opens."""
+    from PIL import Image
+
+    from pipelines.serve.engine import model_dir
+    from slime.checkpoint import serving_config
+    from slime.explain import explain_selection
+    from slime.predictor import ChatRequest, Predictor
+    from slime.tiling import count_visual_tokens
+
+    model = make(tiny(), tok, seed=5)
+    served = serving_config(model.cfg, visual_mode="both", gamma=0.5)
+    out = save_pretrained(model, tok, tmp_path / "ckpt", cfg=served)
+    assert model.cfg.local.gamma == 1.0  # the model in memory (training's) keeps its own config
+    meta = json.loads((out / "metadata.json").read_text())["serving"]
+    assert (meta["visual_mode"], meta["gamma"], meta["local"]["selection"]) == ("both", 0.5, "topk")
+    predictor = Predictor.load(str(out))
+    assert (predictor.mode, predictor.cfg.local.gamma) == ("both", 0.5)
+    image = Image.new("RGB", (448, 336), (10, 200, 30))
+    sample = predictor.encode(ChatRequest(messages=[{"role": "user", "content": "Colour?"}], images=[image]))
+    assert int(sample["num_visual_tokens"]) == count_visual_tokens(448, 336, served).total_tokens \
+        < count_visual_tokens(448, 336, model.cfg).total_tokens
+    assert explain_selection(predictor, image, "Colour?").gamma == 0.5
+    view = json.loads((model_dir(str(out), cache_root=str(tmp_path / "vllm")) / "config.json").read_text())
+    assert (view["visual_mode"], view["slime"]["local"]["gamma"]) == ("both", 0.5)
+
+    global_only = save_pretrained(model, tok, tmp_path / "g", cfg=serving_config(model.cfg, visual_mode="global",
+                                                                                   gamma=1.0))
+    assert Predictor.load(str(global_only)).mode == "global"

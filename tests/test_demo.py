@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -25,6 +26,11 @@ def test_demo_end_to_end(tmp_path):
     assert summary["usage"]["visual_tokens"] > 0 and summary["usage"]["completion_tokens"] >= 1
     metrics = json.loads(Path(summary["metrics"]).read_text())
     assert metrics["num_samples"] > 0 and 0.0 <= metrics["accuracy"] <= 1.0
+    # The printed table is metrics.json's: one chance (uniform over the task's answers: 4 each) everywhere.
+    table = {m[1]: (float(m[2]), float(m[3])) for m in
+             re.finditer(r"^(\w+)\s+\w+\s+\d+\s+([\d.]+)\s+([\d.]+)$", proc.stdout, re.MULTILINE)}
+    assert table == {t: (round(v["accuracy"], 3), round(v["chance"], 3)) for t, v in metrics["per_task"].items()}
+    assert {t: v["chance"] for t, v in metrics["per_task"].items()} == {"big_color": 0.25, "texture": 0.25}
     production = json.loads((tmp_path / "registry" / "production.json").read_text())
     assert Path(summary["model"]).parts[-2] == production["version"]
     assert (Path(summary["model"]) / "model.safetensors").exists()

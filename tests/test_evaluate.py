@@ -32,11 +32,65 @@ def test_split_record_and_summarize():
     rows = [{**base, "qtype": "detail", "exact": True, "correct": True},
             {**base, "qtype": "detail", "exact": False, "correct": True},
             {**base, "qtype": "global", "exact": False, "correct": False},
-            {**base, "qtype": "global", "exact": False, "correct": False, "error": "InputError: bad"}]
+            {**base, "qtype": "global", "exact": False, "correct": False, "error": "InputError: bad",
+             "error_code": "image_too_large"}]
     m = summarize(rows)
-    assert m["num_samples"] == 3 and m["errors"] == 1
-    assert m["accuracy"] == pytest.approx(2 / 3) and m["exact_match"] == pytest.approx(1 / 3)
-    assert m["per_qtype"]["detail"] == {"num_samples": 2, "exact_match": 0.5, "accuracy": 1.0}
+    assert m["num_samples"] == 4 and m["errors"] == 1 and m["error_codes"] == {"image_too_large": 1}
+    assert m["accuracy"] == pytest.approx(2 / 4) and m["exact_match"] == pytest.approx(1 / 4)
+    assert m["per_qtype"]["detail"] == {"num_samples": 2, "exact_match": 0.5, "accuracy": 1.0, "errors": 0}
+
+
+def test_failures_count_as_wrong_and_chance_is_uniform_over_the_answers():
+    """A model that fails on half the set scores on all of it (not 1.0 on the half it answered); chance is
+    1 / |answer set|, not the majority answer's rate among the scored references (here 3/6)."""
+    base = {"visual_tokens": 10, "latency_s": 0.1, "error": "", "error_code": "", "qtype": "detail",
+            "task": "texture", "exact": True, "correct": True}
+    refs = ["red-cyan", "red-cyan", "red-cyan", "blue-yellow", "green-magenta", "black-white"]
+    rows = [{**base, "reference": r} for r in refs[:3]]
+    rows += [{**base, "reference": r, "exact": False, "correct": False, "error": "InputError: too long",
+              "error_code": "context_length_exceeded", "latency_s": 0.0} for r in refs[3:]]
+    m = summarize(rows)
+    assert m["accuracy"] == 0.5 and m["num_samples"] == 6
+    assert m["errors"] == 3 and m["error_codes"] == {"context_length_exceeded": 3}
+    assert m["per_task"]["texture"]["chance"] == 0.25 and m["per_task"]["texture"]["accuracy"] == 0.5
+    assert m["latency_s_per_request"]["p50"] == pytest.approx(0.1)  # failed samples have no latency
+    assert "per request" in m["latency_s_per_request"]["measures"]
+    # a row flagged both failed and correct is still wrong
+    assert summarize([{**rows[0], "error": "ValueError: x", "error_code": "invalid_record"}])["accuracy"] == 0.0
+
+
+def test_eval_predictor_reports_failures_and_per_request_latency(tmp_path):
+    """The HF engine in this process: a record without a final gpt turn fails alone with its code; the
+    others' latencies are their own (a 1-token answer is done before a 12-token one), not batch / size."""
+    import io
+
+    from PIL import Image
+
+    from pipelines.evaluate import EvalPredictor
+    from slime.presets import save_tiny_checkpoint
+
+    model = save_tiny_checkpoint(tmp_path / "tiny")
+    buf = io.BytesIO()
+    Image.new("RGB", (448, 336), (200, 30, 30)).save(buf, format="PNG")
+    conv = lambda *turns: [{"from": f, "value": v} for f, v in turns]
+    records = [{"id": "a", "task": "t", "conversations": conv(("human", "<image>\nWhat colour?"), ("gpt", "red"))},
+               {"id": "bad", "task": "t", "conversations": conv(("human", "<image>\nWhat colour?"))},
+               {"id": "c", "task": "t", "conversations": conv(("human", "<image>\nAnd now?"), ("gpt", "blue"))}]
+    short = EvalPredictor(model=str(model), max_tokens=12, gamma=None, prompt_suffix="", device="cpu", dtype=None,
+                          engine="hf")
+    out = short({"image": np.array([buf.getvalue()] * 3, dtype=object),
+                 "json": np.array([json.dumps(r) for r in records], dtype=object)})
+    assert list(out["error_code"]) == ["", "invalid_record", ""] and out["latency_s"][1] == 0.0
+    assert not out["correct"][1]
+    # Same batch with one request capped at 1 token: its latency is shorter than the 12-token one's.
+    from slime.predictor import ChatRequest
+
+    img = Image.open(io.BytesIO(buf.getvalue()))
+    reqs = [ChatRequest(messages=[{"role": "user", "content": "What colour?"}], images=[img], max_tokens=n)
+            for n in (1, 12)]
+    one, twelve = short.predictor.generate(reqs)
+    assert one.completion_tokens == 1 and twelve.completion_tokens > 4, (one, twelve)
+    assert 0 < one.latency_s < twelve.latency_s
 
 
 @pytest.mark.integration
@@ -83,7 +137,10 @@ def test_evaluate_known_answers(ray_session, tmp_path):
     assert {q: (v["num_samples"], round(v["accuracy"] * v["num_samples"])) for q, v in
             metrics["per_qtype"].items()} == expected
     assert metrics["visual_tokens_per_sample"] > 16  # global view + separator + local tokens
-    assert metrics["latency_s_per_sample"]["mean"] > 0
+    latency = metrics["latency_s_per_request"]
+    assert 0 < latency["p50"] <= latency["p95"] <= metrics["wall_s"] and "per request" in latency["measures"]
+    rows = [json.loads(line) for line in (model / "eval" / "predictions.jsonl").read_text().splitlines()]
+    assert all(r["latency_s"] > 0 for r in rows)  # vLLM: each request's own finish on the engine
 
 
 @pytest.mark.integration

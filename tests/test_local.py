@@ -77,6 +77,21 @@ def test_selector_without_instruction_keeps_evenly_spaced():
     assert kept[:, 0].tolist() == [0.0, 2.0, 4.0, 7.0, 9.0] and valid.all()
 
 
+@pytest.mark.parametrize("noise", ["relative", "absolute"])
+def test_selector_without_instruction_selects_in_training_as_in_evaluation(noise):
+    """No instruction tokens (plain template): every score ties at 0; training must not keep an arbitrary
+    (relative noise 0.1 x std(0) = 0, topk over ties) or random (absolute noise) set."""
+    g = torch.Generator().manual_seed(0)
+    tokens = torch.randn(36, 8, generator=g)
+    sel = TextGuidedSelector(LocalConfig(num_queries=4, noise=noise))
+    expected = sel.eval().select(tokens, tokens[:0], 0.5)[0].tolist()
+    assert expected == torch.linspace(0, 35, 18).round().long().tolist()
+    sel.train()
+    for seed in range(5):
+        torch.manual_seed(seed)
+        assert sel.select(tokens, tokens[:0], 0.5)[0].tolist() == expected
+
+
 def test_nucleus_returns_l_slots_with_mask():
     tokens, text, where = planted(num_local=20)
     sel = TextGuidedSelector(LocalConfig(num_queries=4, selection="nucleus", temperature=0.05)).eval()

@@ -71,6 +71,17 @@ def test_forward_modes_follow_the_contract(model, tok, mode):
         assert out.kept_local_fraction == pytest.approx(1.0)  # tiny preset: gamma 1
 
 
+def test_forward_rejects_unknown_batch_keys(model, tok):
+    """A misspelt key must not be swallowed (a typo in instruction_mask would change the selection); the
+    contract's fields the training loop passes as they come (image_size, num_visual_tokens) still run."""
+    batch = batch_for(model.cfg, tok)
+    model.eval()
+    assert torch.isfinite(model(**batch).loss)  # the whole contract batch, as parallel._forward passes it
+    typo = {("instruction_masks" if k == "instruction_mask" else k): v for k, v in batch.items()}
+    with pytest.raises(TypeError, match="instruction_masks"):
+        model(**typo)
+
+
 def test_gamma_changes_token_count(tok):
     cfg = tiny()
     m = make(cfg, tok).eval()

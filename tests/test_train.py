@@ -192,6 +192,7 @@ def check_ddp_four_phases(summary: dict, run_dir: Path, export: Path) -> None:
 
     predictor = Predictor.load(str(export))
     assert json.loads((export / "metadata.json").read_text())["phase"] == "III-joint"
+    check_served_as_trained(run_dir, export, {0: ("global", 1.0), 2: ("local", 1.0), 3: ("both", 0.75)})
     assert (export / "EXPORT_COMPLETE").exists()
     assert predictor.cfg.max_length == 256
 
@@ -298,3 +299,25 @@ def test_deepspeed_zero3_on_cpu(ray_session, shards, tmp_path):
     model, _ = load_pretrained(str(tmp_path / "export"))
     assert all(torch.equal(v, final[k]) for k, v in model.state_dict().items() if k in final)
     assert summary["metrics"]["global_step"] == 5
+    check_served_as_trained(run_dir, tmp_path / "export", {0: ("global", 1.0), 1: ("both", 0.75)})
+
+
+def check_served_as_trained(run_dir: Path, export: Path, phases: dict[int, tuple[str, float]]) -> None:
+    """Each phase-end checkpoint records its phase's visual mode and gamma as the model's serving defaults
+    (slime_config.yaml and metadata.json); the export is the last phase's, and the Predictor uses them."""
+    import yaml
+
+    from slime.checkpoint import load_config
+    from slime.predictor import Predictor
+
+    for index, (mode, gamma) in phases.items():
+        last = sorted(run_dir.glob(f"checkpoint-p{index:02d}-s*"))[-1] / "model"
+        cfg = load_config(last)
+        assert (cfg.visual_mode, cfg.local.gamma) == (mode, gamma), (last, cfg.visual_mode, cfg.local.gamma)
+    mode, gamma = phases[max(phases)]
+    saved = yaml.safe_load((export / "slime_config.yaml").read_text())
+    assert (saved["visual_mode"], saved["local"]["gamma"]) == (mode, gamma)
+    serving = json.loads((export / "metadata.json").read_text())["serving"]
+    assert (serving["visual_mode"], serving["gamma"]) == (mode, gamma) and serving["local"] == saved["local"]
+    predictor = Predictor.load(str(export))
+    assert predictor.mode == mode and predictor.cfg.local.gamma == gamma

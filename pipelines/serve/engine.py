@@ -238,11 +238,19 @@ class OfflineVllm:
         return self.chat.prompt(req)[1]
 
     def generate(self, reqs: list[ChatRequest]) -> list[ChatResult]:
+        """Answers in request order; each ``latency_s`` is that request's own, from the batch's submission to
+        the engine step that finished it (``LLM.generate`` would only give the batch's time). The step loop is
+        ``LLM.generate``'s own (``enqueue`` + ``llm_engine.step``), outputs ordered by its request counter."""
         import time
 
         start = time.perf_counter()
         prompts, infos = zip(*(self.chat.prompt(r) for r in reqs))
         params = [self.chat.sampling_params(r, i) for r, i in zip(reqs, infos)]
-        outs = self.llm.generate(list(prompts), params, use_tqdm=False)
-        latency = time.perf_counter() - start
-        return [self.chat.result(o.outputs[0], i, latency) for o, i in zip(outs, infos)]
+        self.llm.enqueue(list(prompts), params, use_tqdm=False)
+        finished, engine = [], self.llm.llm_engine
+        while engine.has_unfinished_requests():
+            finished += [(o, time.perf_counter()) for o in engine.step() if o.finished]
+        if len(finished) != len(reqs):
+            raise RuntimeError(f"vLLM finished {len(finished)} requests for a batch of {len(reqs)}")
+        finished.sort(key=lambda item: int(item[0].request_id))
+        return [self.chat.result(o.outputs[0], i, done - start) for (o, done), i in zip(finished, infos)]

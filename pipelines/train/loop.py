@@ -56,6 +56,17 @@ def phase_data_config(cfg: TrainConfig, phase: PhaseConfig, model_dir: str):
     return from_dict(DataConfig, d)
 
 
+def resolve_phases(cfg: TrainConfig, init_dir: str) -> list[PhaseConfig]:
+    """The phases run, each with a number for ``gamma`` (None -> the init model's ``local.gamma``), fixed
+    once on the driver: the data pipeline expands ``<image>`` for it, the workers train with it and every
+    checkpoint records it as the model's serving default. The model a resumed worker loads carries the
+    gamma of the phase its checkpoint was taken in, so "the model's gamma" must not be read again there."""
+    from slime.config import ModelConfig
+
+    init_cfg = from_dict(ModelConfig, yaml.safe_load(storage.read_bytes(storage.join(init_dir, "slime_config.yaml"))))
+    return [p if p.gamma is not None else replace(p, gamma=init_cfg.local.gamma) for p in expand_phases(cfg)]
+
+
 def phase_steps(cfg: TrainConfig, phase: PhaseConfig, dcfg) -> int:
     if phase.steps is not None:
         return phase.steps
@@ -137,13 +148,14 @@ def train(cfg: TrainConfig) -> dict:
         with open(cfg.engine.deepspeed) as f:
             cfg = replace(cfg, engine=replace(cfg.engine, deepspeed=yaml.safe_load(f)))
     init_dir = ensure_init_model(cfg)
-    phases = expand_phases(cfg)
+    phases = resolve_phases(cfg, init_dir)
     dcfgs = {p.name: phase_data_config(cfg, p, init_dir) for p in phases}
     plan = [phase_steps(cfg, p, dcfgs[p.name]) for p in phases]
     scaling = cfg.scaling
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"train": to_dict(cfg), "init_dir": init_dir, "plan": plan,
+                           "phases": [to_dict(p) for p in phases],
                            "data": {n: to_dict(d) for n, d in dcfgs.items()}},
         torch_config=TorchConfig(backend=cfg.engine.backend or ("nccl" if scaling.use_gpu else "gloo")),
         scaling_config=ray.train.ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
@@ -238,12 +250,12 @@ def train_loop_per_worker(config: dict) -> None:
 
     from pipelines.data.ingest import DataConfig, torch_batch_kwargs
     from pipelines.train.parallel import build_engine
-    from slime.checkpoint import load_pretrained
+    from slime.checkpoint import load_pretrained, serving_config
     from slime.model import set_trainable
 
     cfg: TrainConfig = from_dict(TrainConfig, config["train"])
     plan: list[int] = config["plan"]
-    phases = expand_phases(cfg)
+    phases = [from_dict(PhaseConfig, p) for p in config["phases"]]  # resolve_phases: every gamma a number
     ctx = ray.train.get_context()
     rank = ctx.get_world_rank()
     device = ray.train.torch.get_device() if cfg.scaling.use_gpu else torch.device("cpu")
@@ -331,10 +343,13 @@ def train_loop_per_worker(config: dict) -> None:
                     state = {"phase_index": index, "phase": phase.name, "step": step, "phase_steps": total,
                              "global_step": global_step, "data_epoch": batches.epoch,
                              "batch_in_epoch": batches.batch_in_epoch, "phase_done": done}
+                    saved = model if done else engine.module
+                    # Served as trained: this phase's visual tokens and gamma become the model's defaults
+                    # (the export is the last phase's end).
+                    served = serving_config(saved.cfg, visual_mode=phase.mode, gamma=phase.gamma)
                     with tempfile.TemporaryDirectory() as out_dir:
-                        write_checkpoint_files(out_dir, rank=rank, state=state, tokenizer=tokenizer,
-                                               model=model if done else engine.module,
-                                               engine=None if done else engine,
+                        write_checkpoint_files(out_dir, rank=rank, state=state, tokenizer=tokenizer, model=saved,
+                                               engine=None if done else engine, cfg=served,
                                                metadata={"run": cfg.name, "phase": phase.name,
                                                          "global_step": global_step, "trainable": list(trainable)})
                         name = f"checkpoint-p{index:02d}-s{step:07d}"

@@ -5,7 +5,8 @@ Checkpoint directory (one per ``ray.train.report``; the per-rank files are merge
     train_state.json   phase_index, phase, step (optimizer steps done in that phase), phase_steps,
                        global_step, data_epoch, batch_in_epoch, phase_done
     model/             a self-describing model directory (slime.checkpoint.save_pretrained): full weights,
-                       so every checkpoint (and every phase end) can be served or evaluated as it is
+                       so every checkpoint (and every phase end) can be served or evaluated as it is; its
+                       config's visual_mode and local.gamma are the phase's (the serving defaults)
     optim.pt           DDP: optimizer + scheduler state (mid-phase checkpoints only)
     deepspeed/         DeepSpeed: engine.save_checkpoint shards of every rank (mid-phase only)
     rng-rank{r}.pt     torch / numpy / python RNG states of rank r
@@ -79,14 +80,16 @@ def read_position(directory: str, rank: int) -> Position:
                     global_step=state["global_step"], checkpoint_dir=directory)
 
 
-def write_checkpoint_files(directory: str, *, rank: int, state: dict, model, tokenizer, engine, metadata: dict) -> None:
+def write_checkpoint_files(directory: str, *, rank: int, state: dict, model, tokenizer, engine, metadata: dict,
+                           cfg=None) -> None:
     """Fill ``directory`` with this rank's part of a checkpoint. ``engine`` None = phase end (weights only).
+    ``cfg``: the ModelConfig written with the weights (the phase's serving defaults; default ``model.cfg``).
     Every rank calls it: ZeRO-3 gathers weights collectively and DeepSpeed saves shards on every rank."""
     from slime.checkpoint import save_pretrained
 
     with engine.gathered() if engine is not None else _null():
         if rank == 0:
-            save_pretrained(model, tokenizer, os.path.join(directory, "model"), metadata=metadata)
+            save_pretrained(model, tokenizer, os.path.join(directory, "model"), metadata=metadata, cfg=cfg)
     if engine is not None:
         engine.save(directory, rank)
     if rank == 0:
