@@ -214,6 +214,10 @@ def _coerce(tp: Any, value: Any, name: str) -> Any:
             value = yaml.safe_load(value)
         if not isinstance(value, (list, tuple)):
             raise ValueError(f"{name}: expected a list, got {value!r}")
+        if origin is tuple and args and args[-1] is not Ellipsis:  # fixed length: tuple[float, float]
+            if len(value) != len(args):
+                raise ValueError(f"{name}: expected {len(args)} items, got {len(value)} ({value!r})")
+            return tuple(_coerce(t, v, f"{name}[{i}]") for i, (t, v) in enumerate(zip(args, value)))
         inner = args[0] if args else Any
         items = [_coerce(inner, v, f"{name}[{i}]") for i, v in enumerate(value)]
         return tuple(items) if origin is tuple else items

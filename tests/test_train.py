@@ -49,6 +49,15 @@ def test_yaml_configs_load_and_scheduler_keys_exist():
         load_config(TrainConfig, str(CONFIGS / "train_tiny.yaml"), ["optim.lr_typo=1"])
 
 
+def test_fixed_length_tuples_are_checked_item_by_item():
+    cfg = load_config(TrainConfig, str(CONFIGS / "train_tiny.yaml"), ["optim.betas=[0.8, 0.95]"])
+    assert cfg.optim.betas == (0.8, 0.95)
+    for bad, needle in (("[0.9]", "expected 2 items"), ("[0.9, 0.99, 0.999]", "expected 2 items"),
+                        ("[0.9, fast]", r"optim\.betas\[1\]: expected a number")):
+        with pytest.raises(ValueError, match=needle):
+            load_config(TrainConfig, str(CONFIGS / "train_tiny.yaml"), [f"optim.betas={bad}"])
+
+
 def test_cyclic_expansion_and_validation():
     cfg = load_config(TrainConfig, str(CONFIGS / "train_tiny.yaml"),
                       ["cyclic.rounds=2", "cyclic.steps=3", "cyclic.pattern=[I-b-global-attention, II-local]"])
