@@ -27,7 +27,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="precision of the written model (default: the release's torch_dtype; a merged LoRA is exact "
                          "only in float32)")
     ap.add_argument("--template", default=None, choices=["vicuna_v1", "llama3", "llama3_dc", "chatml", "plain"],
-                    help="chat template (default: the release's: llama3 / llama3_dc for a Llama-3 tokenizer, else vicuna_v1)")
+                    help="chat template (default: the release's: llama3 / llama3_dc for a Llama-3 tokenizer, "
+                         "else vicuna_v1)")
     args = ap.parse_args(argv)
     try:
         report = convert(args)
@@ -44,7 +45,6 @@ def convert(args) -> dict:
 
     import torch
     import transformers
-    from transformers import AutoTokenizer
 
     from slime.checkpoint import save_pretrained
     from slime.importer import load_upstream
@@ -58,7 +58,7 @@ def convert(args) -> dict:
     rel = read_release(local_copy(args.upstream), base=args.base and local_copy(args.base),
                        vision_path=args.vision_path and local_copy(args.vision_path), kind=args.kind,
                        connector=args.connector, template=args.template)
-    tokenizer = AutoTokenizer.from_pretrained(str(rel.tokenizer_dir))
+    tokenizer = rel.tokenizer  # loaded once, by read_release
     rows = len(tokenizer)
     ensure_image_token(tokenizer)  # id len(tokenizer): outside the LLM's rows, never embedded, never sampled
     print(f"[convert] {rel.kind} ({rel.layout}): {rel.cfg.connector.kind} connector, {rel.cfg.vision.kind} tower, "

@@ -47,6 +47,7 @@ class Release:
     llm_config: dict  # the LLM's HF config (architecture fields only)
     weights: dict[str, torch.Tensor]  # upstream names (LoRA merged)
     tokenizer_dir: Path
+    tokenizer: object  # the release's own (or its base's), as loaded: no <image> yet
     layout: str
     kind: str
     vision_hf_config: dict | None  # the tower's HF config when the release holds its weights
@@ -241,8 +242,9 @@ def model_config(conf: dict, tower: dict, *, kind: str | None = None, connector:
 
 def llm_architecture(conf: dict) -> dict:
     """The LLM's HF config from a release's config.json: LLaVA's multimodal keys and provenance dropped."""
-    drop = ("architectures", "transformers_version", "_name_or_path", "auto_map")
-    out = {k: v for k, v in conf.items() if k not in drop and not k.startswith(("mm_", "use_mm", "tune_mm"))}
+    from slime.checkpoint import architecture_config
+
+    out = {k: v for k, v in architecture_config(conf).items() if not k.startswith(("mm_", "use_mm", "tune_mm"))}
     for key in ("image_aspect_ratio", "image_grid_pinpoints", "tokenizer_model_max_length", "tokenizer_padding_side",
                 "seperator", "use_global_only", "use_local_only", "freeze_mm_mlp_adapter", "unfreeze_mm_vision_tower"):
         out.pop(key, None)
@@ -301,9 +303,10 @@ def read_release(path: str | Path, *, base: str | None = None, vision_path: str 
     sep = conf.get("seperator")
     ours = tokenizer(cfg.separator, add_special_tokens=False)["input_ids"][-1]
     if sep is not None and int(sep) != ours:
-        raise ReleaseError(f"config.json's seperator id {sep} is not the last id of tokenizer({cfg.separator!r}) = {ours}")
+        raise ReleaseError(f"config.json's seperator id {sep} is not the last id of "
+                           f"tokenizer({cfg.separator!r}) = {ours}")
     vision_hf = (tower_hf or _tower_hf_config(cfg.vision)) if has_tower else None
-    return Release(cfg=cfg, llm_config=llm, weights=weights, tokenizer_dir=tok_dir, layout=layout,
+    return Release(cfg=cfg, llm_config=llm, weights=weights, tokenizer_dir=tok_dir, tokenizer=tokenizer, layout=layout,
                    kind=release_kind(conf), vision_hf_config=vision_hf, notes=notes)
 
 
