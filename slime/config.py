@@ -184,9 +184,65 @@ def to_dict(cfg: Any) -> Any:
     return cfg
 
 
+class _Scalar(str):
+    """A YAML scalar as written (``1.10``, ``2024``, ``007``) beside what YAML makes of it: a ``str`` field
+    keeps the text, every other type takes the parsed value."""
+
+    parsed: Any
+
+    def __new__(cls, text: str, parsed: Any) -> "_Scalar":
+        obj = super().__new__(cls, text)
+        obj.parsed = parsed
+        return obj
+
+
+def _yaml_keeping_text(text: str) -> Any:
+    """``yaml.safe_load`` whose unquoted non-string scalars remember their text (see ``_Scalar``)."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        return None if node is None else _wrap(loader, node)
+    finally:
+        loader.dispose()
+
+
+def _wrap(loader: yaml.SafeLoader, node: yaml.Node) -> Any:
+    if isinstance(node, yaml.MappingNode):
+        loader.flatten_mapping(node)  # YAML merge keys (<<)
+        return {loader.construct_object(k, deep=True): _wrap(loader, v) for k, v in node.value}
+    if isinstance(node, yaml.SequenceNode):
+        return [_wrap(loader, v) for v in node.value]
+    parsed = loader.construct_object(node, deep=True)
+    return parsed if isinstance(parsed, str) or node.style else _Scalar(node.value, parsed)
+
+
+def _plain(value: Any) -> Any:
+    """Strip ``_Scalar`` wrappers (for untyped fields, which are stored and dumped as they are)."""
+    if isinstance(value, _Scalar):
+        return value.parsed
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_plain(v) for v in value)
+    return value
+
+
+def _wants_text(tp: Any) -> bool:
+    if tp is str:
+        return True
+    if typing.get_origin(tp) is Literal:
+        return all(isinstance(a, str) for a in typing.get_args(tp))
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        return str in typing.get_args(tp)
+    return False
+
+
 def _coerce(tp: Any, value: Any, name: str) -> Any:
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
+    if isinstance(value, _Scalar):
+        keep = _wants_text(tp) and not (value.parsed is None and type(None) in args)
+        value = str(value) if keep else value.parsed
     if dataclasses.is_dataclass(tp):
         if isinstance(value, tp):
             return value
@@ -211,7 +267,7 @@ def _coerce(tp: Any, value: Any, name: str) -> Any:
         raise ValueError(f"{name}: {value!r} does not match {tp} ({'; '.join(errors)})")
     if origin in (tuple, list):
         if isinstance(value, str):
-            value = yaml.safe_load(value)
+            value = _yaml_keeping_text(value)
         if not isinstance(value, (list, tuple)):
             raise ValueError(f"{name}: expected a list, got {value!r}")
         if origin is tuple and args and args[-1] is not Ellipsis:  # fixed length: tuple[float, float]
@@ -224,9 +280,9 @@ def _coerce(tp: Any, value: Any, name: str) -> Any:
     if origin is dict or tp is dict:
         if not isinstance(value, dict):
             raise ValueError(f"{name}: expected a mapping, got {value!r}")
-        return dict(value)
+        return _plain(dict(value))
     if tp is Any:
-        return value
+        return _plain(value)
     if tp is bool:
         if isinstance(value, bool):
             return value
@@ -248,10 +304,10 @@ def _coerce(tp: Any, value: Any, name: str) -> Any:
         except (TypeError, ValueError):
             raise ValueError(f"{name}: expected a number, got {value!r}") from None
     if tp is str:
-        if not isinstance(value, (str, int, float)):
+        if not isinstance(value, (str, int, float)) or isinstance(value, bool):
             raise ValueError(f"{name}: expected a string, got {value!r}")
         return str(value)
-    return value
+    return _plain(value)
 
 
 def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
@@ -298,7 +354,7 @@ def parse_overrides(overrides: list[str]) -> dict[str, Any]:
         if "=" not in item:
             raise ValueError(f"override {item!r} is not key=value")
         key, raw = item.split("=", 1)
-        _set_dotted(tree, key.strip(), yaml.safe_load(raw) if raw else "")
+        _set_dotted(tree, key.strip(), _yaml_keeping_text(raw) if raw else "")
     return tree
 
 
@@ -308,7 +364,7 @@ def load_config(cls: type, path: str | None = None, overrides: list[str] | None 
     data: dict[str, Any] = dict(base or {})
     if path:
         with open(path) as f:
-            loaded = yaml.safe_load(f) or {}
+            loaded = _yaml_keeping_text(f.read()) or {}
         if not isinstance(loaded, dict):
             raise ValueError(f"{path}: top level must be a mapping")
         data = merge(data, loaded)

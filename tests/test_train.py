@@ -330,3 +330,19 @@ def check_served_as_trained(run_dir: Path, export: Path, phases: dict[int, tuple
     assert (serving["visual_mode"], serving["gamma"]) == (mode, gamma) and serving["local"] == saved["local"]
     predictor = Predictor.load(str(export))
     assert predictor.mode == mode and predictor.cfg.local.gamma == gamma
+
+
+def test_text_fields_keep_the_text_as_typed(tmp_path):
+    """YAML would turn ``name=1.10`` into 1.1 and ``007`` into 7; a text field keeps what was typed, in a
+    file as on the command line, while numeric and untyped fields still get YAML's value."""
+    path = tmp_path / "t.yaml"
+    path.write_text((CONFIGS / "train_tiny.yaml").read_text() + "\nname: 1.10\n")
+    cfg = load_config(TrainConfig, str(path), ["export_dir=007", "optim.weight_decay=3e-4", "data.manifest=2024"])
+    assert (cfg.name, cfg.export_dir, cfg.optim.weight_decay) == ("1.10", "007", 3e-4)
+    assert cfg.data["manifest"] == 2024 and type(cfg.data["manifest"]) is int  # untyped: YAML's own value
+    assert type(cfg.name) is str and type(cfg.export_dir) is str
+    import yaml
+    from slime.config import to_dict
+    assert yaml.safe_load(yaml.safe_dump(to_dict(cfg)))["name"] == "1.10"
+    with pytest.raises(ValueError, match="name: expected a string"):
+        load_config(TrainConfig, str(path), ["name=[a, b]"])
