@@ -25,7 +25,8 @@ def tiny() -> ModelConfig:
         global_branch=GlobalConfig(kind="moa", num_heads=2),
         local=LocalConfig(num_queries=4, num_heads=2, gamma=1.0),
         tiling=TilingConfig(),
-        llm=LLMConfig(kind="llama", hidden_dim=64, intermediate_dim=128, num_layers=2, num_heads=4, num_kv_heads=2,
+        # 2 heads of 32: vLLM's CPU attention kernels take no head size below 32, so tiny runs on the default engine
+        llm=LLMConfig(kind="llama", hidden_dim=64, intermediate_dim=128, num_layers=2, num_heads=2, num_kv_heads=1,
                       vocab_size=1024, max_position=1024),
         template="vicuna_v1",
         max_length=256,
@@ -33,11 +34,9 @@ def tiny() -> ModelConfig:
 
 
 def tiny_vllm(kind: str = "llama") -> ModelConfig:
-    """``tiny`` with attention heads of 32 (vLLM's CPU attention kernels take no head size below 32):
-    the test-sized model for the vLLM engine. ``qwen2`` pairs with the chatml template."""
+    """``tiny`` with the LLM family ``kind``; ``qwen2`` pairs with the chatml template."""
     cfg = tiny()
-    return replace(cfg, template="vicuna_v1" if kind == "llama" else "chatml",
-                   llm=replace(cfg.llm, kind=kind, num_heads=2, num_kv_heads=1))
+    return replace(cfg, template="vicuna_v1" if kind == "llama" else "chatml", llm=replace(cfg.llm, kind=kind))
 
 
 def mini() -> ModelConfig:
