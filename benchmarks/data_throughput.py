@@ -114,7 +114,7 @@ def run_ray(model: str, shards: list[str], args) -> dict:
 
     t0 = time.perf_counter()
     if not ray.is_initialized():
-        ray.init(num_cpus=args.cpus, include_dashboard=False, object_store_memory=2 * 1024**3)
+        ray.init(address="local", num_cpus=args.cpus, include_dashboard=False, object_store_memory=2 * 1024**3)
     init_s = time.perf_counter() - t0
     cfg = DataConfig(shards=tuple(shards), model=model, num_actors=args.actors, batch_size=args.batch_size,
                      actor_num_cpus=args.actor_cpus, read_num_cpus=args.read_cpus,

@@ -123,7 +123,7 @@ def main() -> None:
     from ray import serve
 
     model = args.model or bench_model(args.llm_width, args.llm_layers)
-    ray.init(num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]

@@ -148,7 +148,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as work:
         model_dir = str(save_tiny_checkpoint(f"{work}/model"))
         rows = samples(args.images, model_dir, f"{work}/synth")
-        ray.init(num_cpus=2, include_dashboard=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False)
         plain.append(plain_loop(model_dir, rows, args.steps, b))
         for trial in range(args.trials):
             ray_side.append(ray_loop(model_dir, rows, args.steps, b, args.threads, work, name=f"overhead-{trial}"))

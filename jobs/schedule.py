@@ -39,7 +39,7 @@ def main(argv: list[str] | None = None) -> int:
 
         from pipelines.lifecycle.local_runner import LocalRunner
 
-        ray.init(include_dashboard=True, dashboard_host="127.0.0.1")
+        ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1")
         runner = LocalRunner(cfg.jobs, cfg.rollout, cfg.work_dir, cfg.val)
     else:
         runner = JobsRunner(cfg.jobs, cfg.rollout, cfg.work_dir, cfg.val)

@@ -40,19 +40,25 @@ def _serve(cfg: ServeArgs, args: argparse.Namespace) -> None:
     # A missing model would otherwise surface only as "Deploying application slime failed", with the
     # cause in a replica's log: check it before Serve deploys anything.
     require_model_dir(cfg.model, "model", getattr(cfg, "storage", None))
+    import dataclasses
+
     import ray
+
+    from pipelines.serve.engine import resolve_engine
+
+    cfg = dataclasses.replace(cfg, engine=resolve_engine(cfg.engine, cfg.model))  # auto: said once, printed below
     from ray import serve
 
     from pipelines.console import quiet_driver_logs, quiet_ray_init_kwargs, ray_log_dir
 
     quiet = quiet_ray_init_kwargs()
     ray.init(address=args.address, include_dashboard=False, **quiet) if args.address else \
-        ray.init(include_dashboard=False, **quiet)
+        ray.init(address="local", include_dashboard=False, **quiet)
     serve.start(http_options={"host": args.host, "port": args.port})
     quiet_driver_logs()
     print(f"Ray logs (Serve controller, proxy, replicas): {ray_log_dir()}", flush=True)
     serve.run(build_app(cfg), name=args.name, route_prefix="/", blocking=False)
-    print(f"serving {cfg.model} at http://{args.host}:{args.port}/v1 (Ctrl-C to stop)", flush=True)
+    print(f"serving {cfg.model} on {cfg.engine} at http://{args.host}:{args.port}/v1 (Ctrl-C to stop)", flush=True)
     try:
         while True:
             time.sleep(1)

@@ -30,7 +30,7 @@ def ray_session():
         if ray.is_initialized():
             break
         try:
-            ray.init(num_cpus=4, num_gpus=1, include_dashboard=True, dashboard_host="127.0.0.1",
+            ray.init(address="local", num_cpus=4, num_gpus=1, include_dashboard=True, dashboard_host="127.0.0.1",
                      object_store_memory=1_500_000_000, log_to_driver=True,
                      runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false",
                                                "HF_HUB_OFFLINE": "1"}})

@@ -79,6 +79,7 @@ def test_readme_steps_run_in_order(tmp_path):
         if argv[1] == "evaluate":
             metrics = json.loads((root / "models/tiny/eval/metrics.json").read_text())
             assert metrics["num_samples"] > 0 and (root / "models/tiny/eval/accuracy.png").exists()
+            assert metrics["engine"] == "vllm"  # the README's preset runs on the default engine
     assert (root / "runs/tiny/logs/loss.png").exists() and (root / "explain.png").exists()
 
     port = _free_port()
@@ -91,6 +92,7 @@ def test_readme_steps_run_in_order(tmp_path):
         for line in serve.stdout:
             lines.append(line)
             if re.search(r"serving .* at http://127\.0\.0\.1:\d+/v1", line):
+                assert " on vllm at " in line, line
                 break
         else:
             raise AssertionError("slime serve exited before serving:\n" + "".join(lines)[-3000:])
