@@ -225,3 +225,30 @@ def test_golden_loss_under_fixed_init(tok):
         out = m(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels, pixel_values=pix, tile_mask=mask,
                 grid=torch.tensor([list(b.grid)]), instruction_mask=instr, has_image=torch.tensor([True]))
     assert float(out.loss) == pytest.approx(GOLDEN_LOSS, rel=1e-4)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_phase_end_rebuild_holds_the_weights_without_a_copy(tok, dtype):
+    """The next phase's model is built on the meta device and takes the state's own tensors: same outputs,
+    no random init, no third copy; buffers a state dict leaves out come from the model as loaded (here after
+    an engine-style bf16 cast of the live model, which must not leak into the rebuilt one)."""
+    from pipelines.train.loop import nonpersistent_buffers, rebuild
+
+    cfg = replace(tiny(), dtype=dtype)
+    m = make(cfg, tok, seed=3).eval()
+    buffers = nonpersistent_buffers(m)
+    assert {"llm.model.rotary_emb.inv_freq"} <= set(buffers)
+    batch = batch_for(cfg, tok)
+    with torch.no_grad():
+        expected = run(m, batch).logits
+    state = {k: v.detach().clone() for k, v in m.state_dict().items()}
+    m.llm.model.rotary_emb.inv_freq.data = m.llm.model.rotary_emb.inv_freq.half()  # an engine's cast of the live model
+    fresh = rebuild(m, tok, state, buffers).eval()
+    built = buffers["llm.model.rotary_emb.inv_freq"]
+    assert fresh.llm.model.rotary_emb.inv_freq.dtype == built.dtype
+    assert torch.equal(fresh.llm.model.rotary_emb.inv_freq, built)
+    with torch.no_grad():
+        assert torch.equal(run(fresh, batch).logits, expected)
+    own = {k: v.data_ptr() for k, v in fresh.state_dict().items()}
+    assert all(own[k] == v.data_ptr() for k, v in state.items()), "rebuild copied the state instead of taking it"
+    assert not any(t.is_meta for t in [*fresh.parameters(), *fresh.buffers()])

@@ -153,10 +153,17 @@ def metric_lines(path: str) -> tuple[list[dict], list[dict]]:
     return [r for r in rows if "event" not in r], [r for r in rows if "event" in r]
 
 
-def checkpoint_weights(run_dir: Path, phase_index: int) -> dict[str, torch.Tensor]:
+def phase_model(run_dir: Path, phase_index: int) -> Path:
+    """The phase's model, as its phase-end checkpoint records it (written once, outside the checkpoints)."""
     last = sorted(run_dir.glob(f"checkpoint-p{phase_index:02d}-s*"))[-1]
-    assert json.loads((last / "train_state.json").read_text())["phase_done"]
-    return load_file(str(last / "model" / "model.safetensors"))
+    state = json.loads((last / "train_state.json").read_text())
+    assert state["phase_done"] and not (last / "model").exists()  # a checkpoint holds no second model copy
+    assert Path(state["model"]).parent == run_dir / "phases", state["model"]
+    return Path(state["model"])
+
+
+def checkpoint_weights(run_dir: Path, phase_index: int) -> dict[str, torch.Tensor]:
+    return load_file(str(phase_model(run_dir, phase_index) / "model.safetensors"))
 
 
 def check_ddp_four_phases(summary: dict, run_dir: Path, export: Path) -> None:
@@ -259,19 +266,26 @@ def test_worker_failure_resumes_and_s3_storage(ray_session, shards, tmp_path, s3
 def test_deepspeed_zero2_on_cpu(ray_session, shards, tmp_path):
     """DeepSpeed ZeRO-2 (fp32 on CPU, torch AdamW instance) with gradient accumulation, 2 workers, one
     phase (the phase change under DeepSpeed is ZeRO-3's test); a mid-phase checkpoint holds DeepSpeed's
-    shards; frozen weights stay bit-identical."""
+    shards and the phase's start model by reference, and a worker dying after it resumes from it to the
+    configured step count; frozen weights stay bit-identical."""
     from pipelines.train.loop import train
 
+    marker = tmp_path / "fault-marker"
     cfg = tiny_config(tmp_path, shards, "zero2", "engine.kind=deepspeed",
                       f"engine.deepspeed={CONFIGS / 'deepspeed_zero2.yaml'}", "optim.grad_accum=2",
                       "checkpoint.num_to_keep=null", "checkpoint.every_steps=2",
+                      "fault.global_step=3", "fault.rank=1", f"fault.marker={marker}",
                       "phases=[{name: I-a, trainable: [projector], mode: global, forced_expert: 0, lr: 1.0e-3, "
                       "steps: 5}]")
     summary = train(cfg)
+    assert marker.exists(), "the injected failure never fired"
     run_dir = tmp_path / "runs" / "zero2"
-    assert (run_dir / "checkpoint-p00-s0000002" / "deepspeed" / "latest").exists()
-    steps, _ = metric_lines(f"{run_dir}/logs/metrics.jsonl")
-    assert [s["global_step"] for s in steps] == [1, 2, 3, 4, 5]
+    mid = run_dir / "checkpoint-p00-s0000002"
+    assert (mid / "deepspeed" / "latest").exists() and not (mid / "model").exists()
+    assert json.loads((mid / "train_state.json").read_text())["base_model"] == str(run_dir / "init_model")
+    steps, events = metric_lines(f"{run_dir}/logs/metrics.jsonl")
+    assert [e["global_step"] for e in events if e["event"] == "resume"] == [2]
+    assert [s["global_step"] for s in steps] == [1, 2, 3, 3, 4, 5]
     assert all(math.isfinite(s["loss"]) for s in steps)
     init = load_file(str(run_dir / "init_model" / "model.safetensors"))
     final = checkpoint_weights(run_dir, 0)
@@ -282,8 +296,9 @@ def test_deepspeed_zero2_on_cpu(ray_session, shards, tmp_path):
 
 @pytest.mark.integration
 def test_deepspeed_zero3_on_cpu(ray_session, shards, tmp_path):
-    """ZeRO-3 (parameters partitioned across the 2 workers): a mid-phase checkpoint and the phase-end
-    weights are gathered to full shapes, frozen weights stay bit-identical and the export loads."""
+    """ZeRO-3 (parameters partitioned across the 2 workers): a mid-phase checkpoint holds DeepSpeed's shards
+    and the phase's start model by reference, the phase-end weights are gathered to full shapes, frozen
+    weights stay bit-identical and the export loads."""
     from pipelines.train.loop import train
     from slime.checkpoint import load_pretrained
 
@@ -299,9 +314,11 @@ def test_deepspeed_zero3_on_cpu(ray_session, shards, tmp_path):
     assert [s["global_step"] for s in steps] == [1, 2, 3, 4, 5]
     assert all(math.isfinite(s["loss"]) for s in steps)
     init = load_file(str(run_dir / "init_model" / "model.safetensors"))
-    mid = load_file(str(run_dir / "checkpoint-p01-s0000002" / "model" / "model.safetensors"))
+    mid = run_dir / "checkpoint-p01-s0000002"  # training state only: DeepSpeed's shards on top of phase 0's model
+    assert (mid / "deepspeed" / "latest").exists() and not (mid / "model").exists()
+    assert json.loads((mid / "train_state.json").read_text())["base_model"] == str(phase_model(run_dir, 0))
     final = checkpoint_weights(run_dir, 1)
-    assert {k: v.shape for k, v in mid.items()} == {k: v.shape for k, v in init.items()}  # gathered, not shards
+    assert {k: v.shape for k, v in final.items()} == {k: v.shape for k, v in init.items()}  # gathered, not shards
     changed = {k for k in final if not torch.equal(init[k], final[k])}
     assert any(k.startswith("llm.") for k in changed) and any(k.startswith("projector.") for k in changed)
     assert not any(k.startswith("vision.") for k in changed)
@@ -320,7 +337,7 @@ def check_served_as_trained(run_dir: Path, export: Path, phases: dict[int, tuple
     from slime.predictor import Predictor
 
     for index, (mode, gamma) in phases.items():
-        last = sorted(run_dir.glob(f"checkpoint-p{index:02d}-s*"))[-1] / "model"
+        last = phase_model(run_dir, index)
         cfg = load_config(last)
         assert (cfg.visual_mode, cfg.local.gamma) == (mode, gamma), (last, cfg.visual_mode, cfg.local.gamma)
     mode, gamma = phases[max(phases)]

@@ -29,8 +29,8 @@ import yaml
 from pipelines import storage
 from pipelines.train.batches import Batches
 from pipelines.train.config import PhaseConfig, TrainConfig, expand_phases
-from pipelines.train.state import Position, RunLog, export_model, read_position, seed_everything, \
-    write_checkpoint_files
+from pipelines.train.state import Position, RunLog, export_model, phase_model_uri, read_position, seed_everything, \
+    write_checkpoint_files, write_phase_model
 from slime.config import from_dict, merge, replace, to_dict
 
 CHECKPOINT_KEYS = ("phase", "phase_index", "step", "global_step", "loss", "phase_done")
@@ -182,7 +182,8 @@ def train(cfg: TrainConfig) -> dict:
         read.update(shards_read(name))
     data = {"run": cfg.name, "shards_read": read, "phase_shards": {n: list_shards(d) for n, d in dcfgs.items()}}
     if cfg.export_dir:
-        export_model(storage.join(checkpoint_uri, "model"), cfg.export_dir,
+        final = json.loads(storage.read_bytes(storage.join(checkpoint_uri, "train_state.json")))
+        export_model(final.get("model") or storage.join(checkpoint_uri, "model"), cfg.export_dir,
                      extra={"training_data.json": json.dumps(data, indent=1).encode()})
     return {"name": cfg.name, "checkpoint": checkpoint_uri, "export_dir": cfg.export_dir, "phase_steps": plan,
             "phases": [p.name for p in phases], "metrics": result.metrics, "metrics_log": log_uri,
@@ -233,14 +234,34 @@ def _maybe_fail(cfg: TrainConfig, global_step: int, rank: int) -> None:
     raise RuntimeError(f"injected failure at global step {global_step}")
 
 
-def _rebuild(model, tokenizer, state: dict):
-    """A fresh model holding ``state`` (the next phase gets new DDP/DeepSpeed wrappers on new modules)."""
+def nonpersistent_buffers(model) -> dict[str, torch.Tensor]:
+    """Buffers a state dict leaves out (rotary inv_freq, position ids), as built: ``rebuild`` needs them, and
+    the engine may have cast the live ones (DeepSpeed bf16 casts every buffer)."""
+    saved = set(model.state_dict())
+    return {name: buf.detach().clone() for name, buf in model.named_buffers() if name not in saved}
+
+
+def rebuild(model, tokenizer, state: dict[str, torch.Tensor], buffers: dict[str, torch.Tensor]):
+    """A new model holding ``state`` (the next phase gets new DDP/DeepSpeed wrappers on new modules).
+
+    Built on the meta device and given ``state``'s own tensors (``assign``): no random initialisation of a
+    model that is overwritten anyway, and no third copy of the weights beside the engine's and ``state``."""
     from slime.checkpoint import architecture_config
     from slime.model import build_model
 
-    fresh = build_model(model.cfg, tokenizer, llm_hf_config=architecture_config(model.llm.config.to_dict()),
-                        vision_hf_config=model.vision.encoder.config.to_dict())
-    fresh.load_state_dict(state)
+    with torch.device("meta"):
+        fresh = build_model(model.cfg, tokenizer, llm_hf_config=architecture_config(model.llm.config.to_dict()),
+                            vision_hf_config=model.vision.encoder.config.to_dict())
+    dtypes = {k: v.dtype for k, v in fresh.state_dict().items()}  # the config's dtype, as a fresh build has
+    fresh.load_state_dict({k: v.to(dtypes[k]) if k in dtypes else v for k, v in state.items()}, assign=True)
+    for name, buf in buffers.items():
+        owner, _, leaf = name.rpartition(".")
+        fresh.get_submodule(owner)._buffers[leaf] = buf.clone()
+    if getattr(fresh.llm.config, "tie_word_embeddings", False):
+        fresh.llm.tie_weights()  # assign gave the two names two tensors
+    left = [n for n, t in [*fresh.named_parameters(), *fresh.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"phase-end rebuild left tensors without data: {left[:5]}")
     return fresh
 
 
@@ -268,8 +289,10 @@ def train_loop_per_worker(config: dict) -> None:
     seed_everything(cfg.seed + rank)
     pos, restored = Position(), ray.train.get_checkpoint()
     with restored.as_directory() if restored else tempfile.TemporaryDirectory() as ckpt_dir:
+        start_model = config["init_dir"]
         if restored:
             pos = read_position(ckpt_dir, rank)
+            start_model = pos.model
             log.event("resume", phase_index=pos.phase_index, step=pos.step, phase_done=pos.phase_done,
                       global_step=pos.global_step, checkpoint=restored.path)
             if pos.phase_done:
@@ -293,7 +316,8 @@ def train_loop_per_worker(config: dict) -> None:
                     started.add(i)
 
         warm(pos.phase_index + cfg.ingest.warm_ahead - 1)  # the first phases' start while the model loads
-        model, tokenizer = load_pretrained(os.path.join(ckpt_dir, "model") if restored else config["init_dir"])
+        model, tokenizer = load_pretrained(start_model)
+        buffers = nonpersistent_buffers(model)
         for index in range(pos.phase_index, len(phases)):
             phase, total = phases[index], plan[index]
             resuming = index == pos.phase_index and pos.step > 0
@@ -338,20 +362,23 @@ def train_loop_per_worker(config: dict) -> None:
                 _maybe_fail(cfg, global_step, rank)
                 done = step == total
                 if done or step % cfg.checkpoint.every_steps == 0:
-                    if done:  # the next phase trains a fresh model holding these weights
-                        model = _rebuild(engine.module, tokenizer, engine.full_state_dict())
                     state = {"phase_index": index, "phase": phase.name, "step": step, "phase_steps": total,
                              "global_step": global_step, "data_epoch": batches.epoch,
                              "batch_in_epoch": batches.batch_in_epoch, "phase_done": done}
-                    saved = model if done else engine.module
-                    # Served as trained: this phase's visual tokens and gamma become the model's defaults
-                    # (the export is the last phase's end).
-                    served = serving_config(saved.cfg, visual_mode=phase.mode, gamma=phase.gamma)
+                    if done:  # the next phase trains a fresh model holding these weights, written once here
+                        model = rebuild(engine.module, tokenizer, engine.full_state_dict(), buffers)
+                        state["model"] = start_model = phase_model_uri(cfg.storage_path, cfg.name, index, phase.name)
+                        if rank == 0:
+                            # Served as trained: this phase's visual tokens and gamma become the model's
+                            # defaults (the export is the last phase's model).
+                            served = serving_config(model.cfg, visual_mode=phase.mode, gamma=phase.gamma)
+                            write_phase_model(start_model, model=model, tokenizer=tokenizer, cfg=served,
+                                              metadata={"run": cfg.name, "phase": phase.name,
+                                                        "global_step": global_step, "trainable": list(trainable)})
+                    else:
+                        state["base_model"] = start_model
                     with tempfile.TemporaryDirectory() as out_dir:
-                        write_checkpoint_files(out_dir, rank=rank, state=state, tokenizer=tokenizer, model=saved,
-                                               engine=None if done else engine, cfg=served,
-                                               metadata={"run": cfg.name, "phase": phase.name,
-                                                         "global_step": global_step, "trainable": list(trainable)})
+                        write_checkpoint_files(out_dir, rank=rank, state=state, engine=None if done else engine)
                         name = f"checkpoint-p{index:02d}-s{step:07d}"
                         ray.train.report({k: metrics[k] for k in CHECKPOINT_KEYS if k in metrics} |
                                          {"phase_done": done}, checkpoint=Checkpoint.from_directory(out_dir),

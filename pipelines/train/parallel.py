@@ -103,12 +103,24 @@ class DDPEngine:
         return {k: v.detach().cpu().clone() for k, v in self.module.state_dict().items()}
 
     def save(self, directory: str, rank: int) -> None:
+        """The training state: what trains (the rest is the phase's start model) and the optimizer."""
         if rank == 0:  # replicated state: one copy
-            torch.save({"optimizer": self.optimizer.state_dict(), "scheduler": self.scheduler.state_dict()},
-                       f"{directory}/optim.pt")
+            weights = {n: p.detach().cpu() for n, p in self.module.named_parameters() if p.requires_grad}
+            torch.save({"weights": weights, "optimizer": self.optimizer.state_dict(),
+                        "scheduler": self.scheduler.state_dict()}, f"{directory}/optim.pt")
 
     def load(self, directory: str) -> None:
         state = torch.load(f"{directory}/optim.pt", map_location=self.device, weights_only=True)
+        params = dict(self.module.named_parameters())
+        trainable = {n for n, p in params.items() if p.requires_grad}
+        saved = state.get("weights")
+        if saved is not None:  # (older checkpoints held the whole model in model/ instead)
+            if set(saved) != trainable:
+                raise RuntimeError(f"checkpoint {directory} trained other parameters than this phase: "
+                                   f"{sorted(set(saved) ^ trainable)[:5]}")
+            with torch.no_grad():
+                for name, value in saved.items():
+                    params[name].copy_(value)
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
 

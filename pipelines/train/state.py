@@ -1,17 +1,26 @@
-"""What a training run leaves behind: checkpoints, the metrics log, the exported model.
+"""What a training run leaves behind: one servable model per phase, checkpoints holding training state,
+the metrics log, the exported model.
+
+Phase models (written once, at each phase end, by rank 0; atomic like an export)::
+
+    <storage_path>/<name>/phases/pNN-<phase>/   a self-describing model directory (slime.checkpoint.
+                       save_pretrained): full weights, servable and evaluable as it is; its config's
+                       visual_mode and local.gamma are the phase's (the serving defaults). Outside Ray
+                       Train's checkpoints, so ``checkpoint.num_to_keep`` never deletes a phase's start.
 
 Checkpoint directory (one per ``ray.train.report``; the per-rank files are merged by Ray Train)::
 
     train_state.json   phase_index, phase, step (optimizer steps done in that phase), phase_steps,
-                       global_step, data_epoch, batch_in_epoch, phase_done
-    model/             a self-describing model directory (slime.checkpoint.save_pretrained): full weights,
-                       so every checkpoint (and every phase end) can be served or evaluated as it is; its
-                       config's visual_mode and local.gamma are the phase's (the serving defaults)
-    optim.pt           DDP: optimizer + scheduler state (mid-phase checkpoints only)
+                       global_step, data_epoch, batch_in_epoch, phase_done, and the weights to start
+                       from: ``model`` (phase end: that phase's model) or ``base_model`` (mid-phase: the
+                       model the phase started from; the state below holds what has trained since)
+    optim.pt           DDP: the trainable parameters + optimizer + scheduler state (mid-phase only)
     deepspeed/         DeepSpeed: engine.save_checkpoint shards of every rank (mid-phase only)
     rng-rank{r}.pt     torch / numpy / python RNG states of rank r
 
-A phase-end checkpoint has no optimizer state: the next phase starts a new optimizer on other parameters.
+So a mid-phase checkpoint costs what training state costs (for LLM-only phases: the trainable parameters
+and their optimizer moments), never a second full model; a phase end writes the full model once and no
+optimizer state (the next phase starts a new optimizer on other parameters).
 
 The metrics log is written by rank 0 to a local directory (metrics.jsonl + TensorBoard events) and
 copied to ``<storage_path>/<name>/logs`` at every checkpoint when the storage is remote.
@@ -41,6 +50,7 @@ class Position:
     phase_done: bool = False
     global_step: int = 0
     checkpoint_dir: str | None = None  # local directory of the restored checkpoint
+    model: str | None = None  # the weights to load before the checkpoint's training state (see module doc)
 
 
 def seed_everything(seed: int) -> None:
@@ -75,35 +85,36 @@ def read_position(directory: str, rank: int) -> Position:
     rng = os.path.join(directory, f"rng-rank{rank}.pt")
     if os.path.exists(rng):
         set_rng_state(torch.load(rng, weights_only=True))
+    # checkpoints written before phase models existed carry the full model in model/
+    model = state.get("model") or state.get("base_model") or os.path.join(directory, "model")
     return Position(phase_index=state["phase_index"], step=state["step"], data_epoch=state["data_epoch"],
                     batch_in_epoch=state["batch_in_epoch"], phase_done=state["phase_done"],
-                    global_step=state["global_step"], checkpoint_dir=directory)
+                    global_step=state["global_step"], checkpoint_dir=directory, model=model)
 
 
-def write_checkpoint_files(directory: str, *, rank: int, state: dict, model, tokenizer, engine, metadata: dict,
-                           cfg=None) -> None:
-    """Fill ``directory`` with this rank's part of a checkpoint. ``engine`` None = phase end (weights only).
-    ``cfg``: the ModelConfig written with the weights (the phase's serving defaults; default ``model.cfg``).
-    Every rank calls it: ZeRO-3 gathers weights collectively and DeepSpeed saves shards on every rank."""
+def phase_model_uri(storage_path: str, run: str, index: int, phase: str) -> str:
+    return storage.join(storage_path, run, "phases", f"p{index:02d}-{phase}")
+
+
+def write_phase_model(uri: str, *, model, tokenizer, cfg, metadata: dict) -> None:
+    """Rank 0 at a phase end: the phase's full, servable model, published atomically at ``uri``."""
     from slime.checkpoint import save_pretrained
 
-    with engine.gathered() if engine is not None else _null():
-        if rank == 0:
-            save_pretrained(model, tokenizer, os.path.join(directory, "model"), metadata=metadata, cfg=cfg)
+    with tempfile.TemporaryDirectory() as tmp:
+        save_pretrained(model, tokenizer, tmp, metadata=metadata, cfg=cfg)
+        export_model(tmp, uri)
+
+
+def write_checkpoint_files(directory: str, *, rank: int, state: dict, engine) -> None:
+    """Fill ``directory`` with this rank's part of a checkpoint. ``engine`` None = phase end (the phase's
+    model is already written; ``state["model"]`` points at it). Every rank calls it: DeepSpeed saves
+    shards on every rank."""
     if engine is not None:
         engine.save(directory, rank)
     if rank == 0:
         with open(os.path.join(directory, "train_state.json"), "w") as f:
             json.dump(state, f, indent=1)
     torch.save(rng_state(), os.path.join(directory, f"rng-rank{rank}.pt"))
-
-
-class _null:
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        return False
 
 
 class RunLog:
