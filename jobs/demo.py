@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from jobs.common import job_parser, load_job_config, run_job
-from pipelines.demo import DemoConfig, run_demo
+from pipelines.demo import DemoConfig, run_demo, say
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -18,7 +18,17 @@ def main(argv: list[str] | None = None) -> int:
     default_run = str(Path(__file__).parent / "configs" / "train_demo.yaml")
     if (cfg := load_job_config("demo", DemoConfig, args, base={"train_config": default_run})) is None:
         return 2
-    return run_job("demo", lambda: run_demo(cfg) and None)
+    return run_job("demo", lambda: _run(cfg))
+
+
+def _run(cfg: DemoConfig) -> None:
+    from pipelines.console import framework_output_to
+
+    # The console tells the story; Ray's, vLLM's and the driver's own warnings and logs go to a file.
+    log = Path(cfg.workdir).resolve() / "logs" / "console.log"
+    say(f"framework output (Ray driver, vLLM, transformers warnings) -> {log}")
+    with framework_output_to(str(log)):
+        run_demo(cfg)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,9 @@
 table at the end. Ray's and Ray Data's own progress bars and internal logs go to files in the Ray session
 log directory (printed once), not to the console; nothing is lost, it is just not on screen.
 
+    story()                   where a job's own lines go: the terminal
+    framework_output_to(path) inside it, everything else the process writes (Ray's driver warnings and raylet
+                              messages, vLLM / transformers logs, C++ logging) goes to ``path`` instead
     quiet_ray_init_kwargs()   ray.init(...) settings: workers' stdout/stderr stay in their log files
     quiet_driver_logs()       Ray Data / Serve / Train driver-side loggers: warnings and errors only
     ray_log_dir()             <session>/logs, where every worker's and Ray Data's full logs are
@@ -24,14 +27,53 @@ silence it and lose actor fault tolerance, so we keep restarts and the line land
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import os
 import sys
 import threading
 import time
+from typing import TextIO
 
 from pipelines import storage
 from pipelines.plots import read_jsonl, step_rows
+
+
+_story: TextIO | None = None
+
+
+def story() -> TextIO:
+    """The stream for a job's own lines (stages, progress, results): the terminal."""
+    return _story or sys.stdout
+
+
+@contextlib.contextmanager
+def framework_output_to(path: str):
+    """Inside the block, file descriptors 1 and 2 (so ``sys.stdout``/``sys.stderr``, logging handlers, Ray's
+    raylet messages that its driver prints to stdout, and C++ logging) write to ``path``; ``story()`` keeps the
+    terminal they had. Undone on exit, so a failure's message reaches the terminal again."""
+    global _story
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = os.dup(1), os.dup(2)
+    terminal = os.fdopen(os.dup(1), "w", buffering=1)
+    with open(path, "a") as log:
+        os.dup2(log.fileno(), 1)
+        os.dup2(log.fileno(), 2)
+        _story = terminal
+        try:
+            yield
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            os.close(saved[0])
+            os.close(saved[1])
+            _story = None
+            terminal.close()
 
 
 def quiet_ray_init_kwargs() -> dict:
@@ -77,7 +119,7 @@ class TrainProgress:
     def __init__(self, metrics_uri: str, plan: list[int], phase_names: list[str], *, every: int = 10,
                  interactive: bool | None = None, poll_s: float = 1.0, stream=None) -> None:
         self.uri, self.plan, self.names, self.every, self.poll_s = metrics_uri, plan, phase_names, max(1, every), poll_s
-        self.stream = stream or sys.stdout
+        self.stream = stream or story()
         self.interactive = self.stream.isatty() if interactive is None else interactive
         self.seen: set[int] = set()
         self.bar = None

@@ -42,8 +42,15 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def say(*parts) -> None:
+    """A line of the demo's story: to the terminal even while framework output goes to the log file."""
+    from pipelines.console import story
+
+    print(*parts, file=story(), flush=True)
+
+
 def _step(title: str) -> float:
-    print(f"\n== {title}", flush=True)
+    say(f"\n== {title}")
     return time.perf_counter()
 
 
@@ -64,15 +71,15 @@ def _print_per_task(raw: Path, metrics: dict, predictions: Path) -> None:
         if line.strip():
             row = json.loads(line)
             by_task[row["task"]].append(row)
-    print(f"{'task':<14} {'kind':<7} {'n':>4} {'accuracy':>9} {'chance':>7}")
+    say(f"{'task':<14} {'kind':<7} {'n':>4} {'accuracy':>9} {'chance':>7}")
     for task, t in sorted(metrics["per_task"].items()):
         kind = by_task[task][0]["qtype"] if by_task.get(task) else ""
-        print(f"{task:<14} {kind:<7} {t['num_samples']:>4} {t['accuracy']:>9.3f} {t['chance']:>7.3f}")
+        say(f"{task:<14} {kind:<7} {t['num_samples']:>4} {t['accuracy']:>9.3f} {t['chance']:>7.3f}")
     tasks = sorted(by_task)
     examples = [by_task[tasks[i % len(tasks)]][i // len(tasks)] for i in range(3)
                 if i // len(tasks) < len(by_task[tasks[i % len(tasks)]])]
     for r in examples:  # round-robin over the tasks
-        print(f"  Q: {questions.get(r['id'], r['task'])}  reference: {r['reference']!r}  answer: {r['prediction']!r}")
+        say(f"  Q: {questions.get(r['id'], r['task'])}  reference: {r['reference']!r}  answer: {r['prediction']!r}")
 
 
 def run_demo(cfg: DemoConfig) -> dict:
@@ -99,7 +106,7 @@ def run_demo(cfg: DemoConfig) -> dict:
                                  tile=model_cfg.vision.image_size, tasks=cfg.tasks, val_fraction=0.2,
                                  captions=False, progress=False, workers=2))
     timings["synth_s"] = time.perf_counter() - t
-    print(f"{synth['images']} images, {synth['train_records']} train + {synth['val_records']} val questions "
+    say(f"{synth['images']} images, {synth['train_records']} train + {synth['val_records']} val questions "
           f"-> {raw}")
 
     t = _step("2/6 pack webdataset shards + manifest")
@@ -107,7 +114,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         summary = pack(PackConfig(inputs=(str(raw / f"{split}.json"),), output_dir=str(wds / split),
                                   max_samples_per_shard=64, progress=False))
         rejected = sum(summary["rejects"].values())
-        print(f"{split}: {summary['samples']} samples in {len(summary['written_shards'])} shards, {rejected} rejected "
+        say(f"{split}: {summary['samples']} samples in {len(summary['written_shards'])} shards, {rejected} rejected "
               f"-> {wds / split}")
     timings["pack_s"] = time.perf_counter() - t
 
@@ -116,7 +123,7 @@ def run_demo(cfg: DemoConfig) -> dict:
                  runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}},
                  **quiet_ray_init_kwargs())
     quiet_driver_logs()
-    print(f"Ray started; full logs of every worker, Ray Data, Train and Serve: {ray_log_dir()}", flush=True)
+    say(f"Ray started; full logs of every worker, Ray Data, Train and Serve: {ray_log_dir()}")
     try:
         t = _step("3/6 train I-a -> I-b -> II -> III on Ray Train")
         steps = cfg.steps_per_phase
@@ -129,16 +136,16 @@ def run_demo(cfg: DemoConfig) -> dict:
             base, phases=tuple(replace(p, steps=steps, epochs=None) for p in base.phases))
         result = train(train_cfg)
         timings["train_s"] = time.perf_counter() - t
-        print(f"model -> {result['export_dir']}\nloss plot -> {result['loss_plot']}")
+        say(f"model -> {result['export_dir']}\nloss plot -> {result['loss_plot']}")
 
         t = _step("4/6 evaluate on the held-out split")
         metrics = evaluate(EvalConfig(model=str(models / "candidate"), data=EvalDataSection(val=str(wds / "val")),
                                       output=str(work / "eval" / "metrics.json")))
         timings["evaluate_s"] = time.perf_counter() - t
-        print(f"accuracy {metrics['accuracy']:.3f} on {metrics['num_samples']} held-out questions on "
+        say(f"accuracy {metrics['accuracy']:.3f} on {metrics['num_samples']} held-out questions on "
               f"{metrics['engine']} ({metrics['errors']} errors, counted wrong)")
         _print_per_task(raw, metrics, work / "eval" / "predictions.jsonl")
-        print(f"metrics -> {metrics['output']}\naccuracy plot -> {metrics['plot']}")
+        say(f"metrics -> {metrics['output']}\naccuracy plot -> {metrics['plot']}")
 
         t = _step("5/6 register + promote")
         registry = Registry(str(work / "registry"))
@@ -150,7 +157,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         registry.promote(version, "demo: first model")
         production = registry.production()
         timings["register_s"] = time.perf_counter() - t
-        print(f"production = {production.id} at {production.model_uri}")
+        say(f"production = {production.id} at {production.model_uri}")
 
         t = _step("6/6 serve + one request through the official openai client")
         port = cfg.port or _free_port()
@@ -171,8 +178,8 @@ def run_demo(cfg: DemoConfig) -> dict:
         timings["serve_s"] = time.perf_counter() - t
         answer = reply.choices[0].message.content
         usage = reply.usage.model_dump() if reply.usage else {}
-        print(f"Q: {question}\nA: {answer!r}   (reference: {record['conversations'][1]['value']!r})")
-        print(f"usage: {json.dumps(usage)}")
+        say(f"Q: {question}\nA: {answer!r}   (reference: {record['conversations'][1]['value']!r})")
+        say(f"usage: {json.dumps(usage)}")
     finally:
         ray_logs = ray_log_dir()
         try:
@@ -184,5 +191,5 @@ def run_demo(cfg: DemoConfig) -> dict:
                "ray_logs": ray_logs, "model": production.model_uri,
                "registry": str(work / "registry"), "shards": str(wds), "runs": str(work / "runs"),
                "timings_s": {k: round(v, 1) for k, v in timings.items()}}
-    print("\n== done\n" + json.dumps(summary, indent=2, default=str))
+    say("\n== done\n" + json.dumps(summary, indent=2, default=str))
     return summary

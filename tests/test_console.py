@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+from pathlib import Path
 
 from PIL import Image
 
@@ -79,3 +80,36 @@ def test_summary_table_and_plots():
         "background": {"accuracy": 0.25, "num_samples": 4, "chance": 0.5}}}
     assert Image.open(io.BytesIO(plot_accuracy(metrics))).format == "PNG"
     assert Image.open(io.BytesIO(plot_training([]))).format == "PNG"  # nothing logged yet still draws
+
+
+def test_framework_output_goes_to_the_log_file_and_the_story_to_the_terminal(tmp_path):
+    """Everything a process writes to fds 1 and 2 inside ``framework_output_to`` (print, logging, C-level
+    writes as Ray's C++ core and raylet messages make) lands in the file; ``story()`` lines on the terminal;
+    after the block both streams are the terminal's again."""
+    import subprocess
+    import sys
+    import textwrap
+
+    log = tmp_path / "logs" / "console.log"
+    code = textwrap.dedent(f"""
+        import logging, os, sys, warnings
+        from pipelines.console import framework_output_to, story
+        logging.basicConfig()
+        with framework_output_to({str(log)!r}):
+            print("story line", file=story())
+            print("framework print")
+            logging.getLogger("ray").warning("framework WARNING")
+            warnings.warn("framework UserWarning")
+            os.write(2, b"C-level stderr\\n")
+            os.write(1, b"C-level stdout\\n")
+        print("after on stdout")
+        print("after on stderr", file=sys.stderr)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.splitlines() == ["story line", "after on stdout"]
+    assert proc.stderr.splitlines() == ["after on stderr"]
+    written = log.read_text()
+    for line in ("framework print", "framework WARNING", "framework UserWarning", "C-level stderr", "C-level stdout"):
+        assert line in written, line

@@ -40,6 +40,11 @@ def test_demo_end_to_end(tmp_path):
     # The story of the run, not the framework's logs: few lines, each stage named, plots and logs named.
     assert len(logs.splitlines()) <= 150, logs[-5000:]
     assert "[A" not in logs and "Queued blocks" not in logs and "Running Dataset" not in logs
+    # Framework warnings (raylet, Serve controller, Ray Data, vLLM, transformers) are in the file it names.
+    noisy = [line for line in logs.splitlines() if re.search(r"WARNING|Warning:|\(raylet\)|INFO |Triton", line)]
+    assert not noisy, noisy[:10]
+    console_log = tmp_path / "logs" / "console.log"
+    assert f"-> {console_log}" in logs and console_log.stat().st_size > 0
     for stage in range(1, 7):
         assert f"== {stage}/6 " in logs
     assert Path(summary["loss_plot"]).read_bytes()[:4] == Path(summary["accuracy_plot"]).read_bytes()[:4] == b"\x89PNG"

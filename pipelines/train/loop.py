@@ -199,13 +199,13 @@ def logs_uri(cfg: TrainConfig) -> str:
 
 def write_loss_plot(cfg: TrainConfig, log_uri: str) -> str | None:
     """loss.png next to metrics.jsonl; prints the per-phase summary table."""
-    from pipelines.console import summary_table
+    from pipelines.console import story, summary_table
     from pipelines.plots import plot_training, read_jsonl
 
     if not storage.exists(log_uri):
         return None
     rows = read_jsonl(storage.read_bytes(log_uri))
-    print(summary_table(rows), flush=True)
+    print(summary_table(rows), file=story(), flush=True)
     plot = storage.join(log_uri.rsplit("/", 1)[0], "loss.png")
     storage.write_bytes_atomic(plot, plot_training(rows, title=cfg.name))
     return plot
