@@ -5,7 +5,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test bench clean
+.PHONY: setup harness demo test bench clean
 
 # pip's own output (hundreds of lines of resolver notes and index warnings) goes to $(LOG), not the
 # console; a failing step prints the end of that log and where the rest is.
@@ -33,15 +33,35 @@ $(BIN)/.installed: pyproject.toml constraints.txt requirements-vllm.txt
 
 setup: $(BIN)/.installed
 
+# lmms-eval in its own environment (slime lmms-eval runs it as a subprocess against a served model):
+# installed plainly it would pull a CUDA torch and PyPI's torchvision into ours. CPU torch first, then the
+# pinned set of requirements-lmms.txt with --no-deps, so nothing is resolved anew.
+HARNESS ?= .venv-lmms
+HLOG := $(HARNESS)/setup.log
+HQUIET = >>$(HLOG) 2>&1 || { tail -n 40 $(HLOG); echo "harness set-up failed; full pip log: $(HLOG)"; exit 1; }
+
+$(HARNESS)/.installed: requirements-lmms.txt constraints.txt
+	@echo "building the lmms-eval environment $(HARNESS) (pip log: $(HLOG); about 2 minutes, 1.6 GB)"
+	@rm -rf $(HARNESS) && $(PY) -m venv $(HARNESS) && : > $(HLOG)
+	@$(HARNESS)/bin/pip install -q --upgrade pip $(HQUIET)
+	@$(HARNESS)/bin/pip install -q -c constraints.txt torch==2.13.0 $(HQUIET)
+	@$(HARNESS)/bin/pip install -q --no-deps -r requirements-lmms.txt $(HQUIET)
+	@$(HARNESS)/bin/python -c "import lmms_eval.evaluator, torch; import importlib.util as u; \
+		assert not u.find_spec('torchvision'); assert torch.__version__.endswith('+cpu'), torch.__version__"
+	@touch $@
+	@echo "harness done"
+
+harness: $(HARNESS)/.installed
+
 # The venv's bin first on PATH: Ray job entrypoints (`python -m jobs.X`) must find this interpreter.
 demo: setup
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/slime demo
 
-test: setup
+test: setup harness
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q
 
 bench: setup
 	for b in benchmarks/*.py; do $(BIN)/python $$b || exit 1; done
 
 clean:
-	rm -rf $(VENV) demo_out
+	rm -rf $(VENV) $(HARNESS) demo_out

@@ -13,6 +13,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "pack": ("jobs.pack:main", "pack LLaVA-format data into webdataset shards + manifest.json"),
     "train": ("jobs.train:main", "train / fine-tune with Ray Train (phases from the config)"),
     "evaluate": ("jobs.evaluate:main", "evaluate a model directory on a validation set -> metrics.json"),
+    "lmms-eval": ("jobs.lmms_eval:main", "lmms-eval (make harness) against a served model -> lmms_eval.json"),
     "serve": ("jobs.serve:main", "run the OpenAI-compatible Ray Serve app"),
     "explain": ("jobs.explain:main", "draw which local tokens a question keeps on an image"),
     "demo": ("jobs.demo:main", "the whole pipeline end to end on a laptop"),

@@ -6,7 +6,9 @@
     lifecycle/  registry, scheduled retraining, Ray Jobs client and the in-process runner
 
 Shared by the stages, at the top: ``storage`` (local or s3://), ``console`` and ``plots`` (what a person
-sees); ``evaluate`` (held-out shards on the serving engine) and ``demo`` (every stage end to end).
+sees), ``answers`` (how an answer is scored; standard library only); ``evaluate`` (held-out shards on the
+serving engine), ``harness`` (lmms-eval, in its own environment, against a served model) and ``demo``
+(every stage end to end).
 Imports flow ``jobs -> pipelines -> slime``; which stage may import which is in each ``__init__`` and
 is checked by ``tests/test_import_rules.py``. Nothing is imported here.
 """

@@ -12,7 +12,6 @@ from __future__ import annotations
 import base64
 import collections
 import json
-import socket
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,12 +33,6 @@ class DemoConfig:
     train_config: str  # the run YAML the phases come from (jobs/configs/train_demo.yaml)
     num_cpus: float = 4
     port: int = 0  # 0 = a free port on 127.0.0.1
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def say(*parts) -> None:
@@ -93,6 +86,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     from pipelines.evaluate import EvalConfig, EvalDataSection, evaluate
     from pipelines.lifecycle.registry import Registry
     from pipelines.serve.app import ServeArgs, build_app
+    from pipelines.serve.ingress import free_port
     from pipelines.train.config import TrainConfig
     from pipelines.train.loop import train
 
@@ -160,7 +154,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         say(f"production = {production.id} at {production.model_uri}")
 
         t = _step("6/6 serve + one request through the official openai client")
-        port = cfg.port or _free_port()
+        port = cfg.port or free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         quiet_driver_logs()  # Serve configures its driver-side logger when it starts
         serve.run(build_app(ServeArgs(model=production.model_uri, model_id="slime-tiny")), name="slime",

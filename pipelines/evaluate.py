@@ -29,9 +29,7 @@ from __future__ import annotations
 
 import collections
 import json
-import re
 import sys
-import string
 import time
 from dataclasses import dataclass, field
 from typing import Literal
@@ -39,12 +37,11 @@ from typing import Literal
 import numpy as np
 
 from pipelines import storage
+from pipelines.answers import normalize_answer, score
 from pipelines.storage import StorageConfig
 from slime.config import VisualMode
 
 _ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
-_PUNCT = str.maketrans("", "", string.punctuation)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -83,11 +80,6 @@ class EvalConfig:
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.num_actors < 1:
             raise ValueError("batch_size and num_actors must be >= 1")
-
-
-def normalize_answer(text: str) -> str:
-    text = text.lower().translate(_PUNCT)
-    return " ".join(_ARTICLES.sub(" ", text).split())
 
 
 def split_record(record: dict) -> tuple[list[dict], str]:
@@ -148,9 +140,8 @@ class EvalPredictor:
                                prompt_tokens=res.prompt_tokens, completion_tokens=res.completion_tokens,
                                latency_s=res.latency_s)
         for row in rows:
-            ok = not row["error"]
-            row["exact"] = ok and row["prediction"].strip() == row["reference"].strip()
-            row["correct"] = ok and normalize_answer(row["prediction"]) == normalize_answer(row["reference"])
+            ok, scored = not row["error"], score(row["prediction"], row["reference"])
+            row["exact"], row["correct"] = ok and scored["exact"], ok and scored["correct"]
         return {k: np.asarray([r[k] for r in rows]) for k in rows[0]} if rows else {}
 
 
@@ -177,16 +168,20 @@ def chance(references: list[str]) -> float:
     return 1.0 / len(answers) if answers else 0.0
 
 
-def summarize(rows: list[dict]) -> dict:
-    """Rows of ``EvalPredictor`` -> metrics. Failed rows count as wrong (module docstring)."""
+def score_rows(rows: list[dict]) -> dict:
+    """num_samples, exact_match, accuracy and errors of scored rows; a failed row is wrong."""
     def right(r: dict, key: str) -> bool:
         return not r["error"] and bool(r[key])
 
-    def block(rs: list[dict]) -> dict:
-        n = len(rs)
-        return {"num_samples": n, "exact_match": sum(right(r, "exact") for r in rs) / n if n else 0.0,
-                "accuracy": sum(right(r, "correct") for r in rs) / n if n else 0.0,
-                "errors": sum(bool(r["error"]) for r in rs)}
+    n = len(rows)
+    return {"num_samples": n, "exact_match": sum(right(r, "exact") for r in rows) / n if n else 0.0,
+            "accuracy": sum(right(r, "correct") for r in rows) / n if n else 0.0,
+            "errors": sum(bool(r["error"]) for r in rows)}
+
+
+def summarize(rows: list[dict]) -> dict:
+    """Rows of ``EvalPredictor`` -> metrics. Failed rows count as wrong (module docstring)."""
+    block = score_rows
 
     per_qtype = {q: block([r for r in rows if r["qtype"] == q]) for q in sorted({r["qtype"] for r in rows})}
     per_task = {}

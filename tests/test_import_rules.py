@@ -79,12 +79,14 @@ SHARED = ("storage", "console", "plots")  # leaves every stage may use
 MAY_IMPORT = {
     "storage": set(),
     "plots": set(),
+    "answers": set(),  # standard library only: the lmms-eval task folder carries a copy of it
     "console": {"storage", "plots"},
     "data": {"storage"},
     "train": {"data", *SHARED},
     "serve": {*SHARED},
     "lifecycle": {"train", "evaluate", *SHARED},
-    "evaluate": {"data", "serve", *SHARED},
+    "evaluate": {"data", "serve", "answers", *SHARED},
+    "harness": {"data", "serve", "lifecycle", "evaluate", "answers", *SHARED},
     "demo": {*STAGES, "evaluate", *SHARED},
 }
 

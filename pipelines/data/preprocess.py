@@ -103,57 +103,66 @@ class ShardReader(FileBasedDatasource):
     def _read_stream(self, f: pa.NativeFile, path: str):
         counts: Counter = Counter()
         rows: list[dict] = []
-        sample: dict | None = None
         size, num_rows = 0, 0
         # The shard is recorded as opened before any row flows: a run that stops early (steps reached)
         # may never finish a read, and it still read from that shard.
         _report(self.metrics_name, {}, {path: 0})
-
-        def flush() -> None:
-            nonlocal size
-            if sample is None:
-                return
-            if sample["json"] is None:
-                counts["missing_json"] += 1
-            else:
-                rows.append(sample)
-                size += len(sample["json"]) + len(sample["image"] or b"")
-
-        try:
-            stream = tarfile.open(fileobj=f, mode="r|*")  # streaming: never seeks, works on S3 bodies
-            for info in stream:
-                if not info.isreg():
-                    continue
-                folder, base = os.path.split(info.name)
-                stem, _, ext = base.partition(".")  # webdataset key = everything before the first "."
-                ext = ext.lower()
-                if not stem or (ext != "json" and ext not in IMAGE_EXTS):
-                    counts["bad_member"] += 1
-                    continue
-                key = f"{folder}/{stem}" if folder else stem
-                if sample is None or sample["key"] != key:
-                    flush()  # before reading: a truncated next member must not take this sample down
-                    sample = {"key": key, "image": None, "json": None}
-                data = stream.extractfile(info).read()
-                slot = "json" if ext == "json" else "image"
-                if sample[slot] is not None:  # a second image or json for one key: keep the first
-                    counts["bad_member"] += 1
-                    continue
-                sample[slot] = data
-                if len(rows) >= self.rows_per_block or size >= _BYTES_PER_BLOCK:
-                    num_rows += len(rows)
-                    yield _block(rows)
-                    rows, size = [], 0
-            flush()
-        except (tarfile.TarError, EOFError) as e:
-            # Truncated or garbled tar: the sample in progress may be missing members, so it is dropped;
-            # everything complete before it was already kept.
-            counts["bad_shard"] += 1
-            log.warning("skipping the rest of shard %s: %s: %s", path, type(e).__name__, e)
+        for sample in iter_tar_samples(f, path, counts):
+            rows.append(sample)
+            size += len(sample["json"]) + len(sample["image"] or b"")
+            if len(rows) >= self.rows_per_block or size >= _BYTES_PER_BLOCK:
+                num_rows += len(rows)
+                yield _block(rows)
+                rows, size = [], 0
         if rows:
             num_rows += len(rows)
             yield _block(rows)
         _report(self.metrics_name, counts, {path: num_rows})
+
+
+def iter_tar_samples(f, path: str, counts: Counter):
+    """One webdataset tar, read as a stream (never seeks: works on S3 bodies) -> samples ``{key, image,
+    json}`` in order; what is skipped is counted in ``counts`` (module docstring). ``ShardReader`` reads
+    shards with it in Ray Data, ``pipelines.harness`` without Ray."""
+    sample: dict | None = None
+    try:
+        stream = tarfile.open(fileobj=f, mode="r|*")
+        for info in stream:
+            if not info.isreg():
+                continue
+            folder, base = os.path.split(info.name)
+            stem, _, ext = base.partition(".")  # webdataset key = everything before the first "."
+            ext = ext.lower()
+            if not stem or (ext != "json" and ext not in IMAGE_EXTS):
+                counts["bad_member"] += 1
+                continue
+            key = f"{folder}/{stem}" if folder else stem
+            if sample is None or sample["key"] != key:
+                # the previous sample is complete: out before reading, so a truncated next member cannot
+                # take it down
+                if sample is not None:
+                    if sample["json"] is None:
+                        counts["missing_json"] += 1
+                    else:
+                        yield sample
+                sample = {"key": key, "image": None, "json": None}
+            data = stream.extractfile(info).read()
+            slot = "json" if ext == "json" else "image"
+            if sample[slot] is not None:  # a second image or json for one key: keep the first
+                counts["bad_member"] += 1
+                continue
+            sample[slot] = data
+    except (tarfile.TarError, EOFError) as e:
+        # Truncated or garbled tar: the sample in progress may be missing members, so it is dropped;
+        # everything complete before it was already kept.
+        counts["bad_shard"] += 1
+        log.warning("skipping the rest of shard %s: %s: %s", path, type(e).__name__, e)
+        return
+    if sample is not None:
+        if sample["json"] is None:
+            counts["missing_json"] += 1
+        else:
+            yield sample
 
 
 def _block(rows: list[dict]) -> pa.Table:

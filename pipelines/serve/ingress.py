@@ -12,6 +12,7 @@ import dataclasses
 import hmac
 import json
 import logging
+import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -26,6 +27,13 @@ from slime.errors import InputError
 from slime.predictor import RequestLimits
 
 logger = logging.getLogger("ray.serve")
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A TCP port nothing listens on right now, for an app started on this machine (demo, harness)."""
+    with socket.socket() as s:
+        s.bind((host, 0))
+        return s.getsockname()[1]
 
 
 @dataclass(frozen=True, kw_only=True)
