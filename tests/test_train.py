@@ -79,6 +79,28 @@ def test_cosine_schedule_with_warmup():
     assert values[-1] == pytest.approx(0.5 * (1 + math.cos(math.pi * 96 / 97)))
 
 
+def test_a_build_lock_left_by_a_killed_process_does_not_hang_deepspeed(tmp_path):
+    """torch's JIT-build lock file outlives a builder killed mid-build, and every later DeepSpeed start then
+    waited on it forever (a CI run hung to its limit). A fresh process given such a file loads the op (the
+    way DeepSpeed's CPU backend asks for it) and removes the file."""
+    import subprocess
+    import sys
+
+    from deepspeed.accelerator import get_accelerator
+    from torch.utils.cpp_extension import _get_build_directory
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    build_dir = Path(_get_build_directory(builder.name, verbose=False))
+    build_dir.mkdir(parents=True, exist_ok=True)
+    (build_dir / "lock").write_text("")  # what a killed builder leaves
+    code = ("from pipelines.train.parallel import load_deepspeed_ops; load_deepspeed_ops(); "
+            "from deepspeed.comm.torch import build_shm_op; assert build_shm_op() is not None; print('loaded')")
+    # first use on a fresh machine compiles the op (30 s - 3 min); before the fix this waited forever
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0 and "loaded" in out.stdout, out.stderr[-2000:]
+    assert not (build_dir / "lock").exists()
+
+
 def test_deepspeed_config_takes_batch_and_precision_from_the_run():
     ds = deepspeed_config({"zero_optimization": {"stage": 2, "reduce_bucket_size": "auto"}, "optimizer": {"x": 1}},
                           OptimConfig(micro_batch_size=2, grad_accum=4, grad_clip=0.5), world=2, precision="fp32")

@@ -14,7 +14,9 @@ can be re-targeted to another parameter set in place.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
+import os
 from typing import Any
 
 import torch
@@ -23,6 +25,8 @@ from torch.optim.lr_scheduler import LambdaLR
 
 from pipelines.train.config import EngineConfig, OptimConfig, PhaseConfig
 from slime.config import merge
+
+log = logging.getLogger(__name__)
 
 
 def cosine_with_warmup(total_steps: int, warmup_ratio: float, min_ratio: float):
@@ -125,11 +129,42 @@ class DDPEngine:
         self.scheduler.load_state_dict(state["scheduler"])
 
 
+def load_deepspeed_ops() -> None:
+    """Load the C++ op DeepSpeed's CPU backend JIT-builds on first use (``shm_comm``), safely.
+
+    torch builds it behind a lock file (``<build dir>/lock``) that only the builder removes: a process killed
+    mid-build (a worker group restarted after a fault, an OOM kill) leaves it behind, and every later build,
+    DeepSpeed's included, then waits on it forever without a word (seen: a DeepSpeed test hung until CI's
+    90-minute limit). Here each process loads the op first while holding an ``flock`` on a file beside it,
+    which the kernel releases when its holder dies: whoever holds it knows a leftover lock file is stale and
+    removes it. DeepSpeed then finds the op already loaded (its builders cache loaded ops per process).
+    A no-op where the accelerator has no such op (CUDA)."""
+    import fcntl
+
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+    from torch.utils.cpp_extension import _get_build_directory  # where torch.utils.cpp_extension.load builds
+
+    builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
+    if builder is None or not deepspeed.ops.__compatible_ops__.get(builder.NAME, False):
+        return
+    build_dir = _get_build_directory(builder.name, verbose=False)
+    os.makedirs(build_dir, exist_ok=True)
+    with open(os.path.join(build_dir, "slime-ray.flock"), "w") as holder:
+        fcntl.flock(holder, fcntl.LOCK_EX)  # waits while a live process builds
+        stale = os.path.join(build_dir, "lock")
+        if os.path.exists(stale):
+            log.warning("removing %s, left by a build of %s that did not finish", stale, builder.name)
+            os.remove(stale)
+        builder.load(verbose=False)
+
+
 class DeepSpeedEngine:
     def __init__(self, model, *, optim: OptimConfig, engine: EngineConfig, phase: PhaseConfig, total_steps: int,
                  device: torch.device) -> None:
         import deepspeed
 
+        load_deepspeed_ops()
         self.precision = resolve_precision(engine, device)
         world = dist.get_world_size() if dist.is_initialized() else 1
         config = deepspeed_config(merge(engine.deepspeed, phase.deepspeed), optim, world, self.precision)
