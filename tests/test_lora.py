@@ -22,6 +22,7 @@ from slime.lora import AdapterBaseMismatch, LoraSpec, add_lora, fingerprint, loa
 from slime.model import set_trainable
 from slime.presets import save_tiny_checkpoint
 from tests.test_model import batch_for, run
+from tests.test_train import shards  # noqa: F401  (the synthetic shards fixture)
 
 CONFIGS = Path(__file__).resolve().parents[1] / "jobs" / "configs"
 SPEC = LoraSpec(r=4, alpha=32, dropout=0.0, targets=("q_proj", "v_proj", "down_proj"))
@@ -165,3 +166,48 @@ def test_lora_phase_config():
     with pytest.raises(ValueError, match="lora.r must be >= 1"):
         load_config(TrainConfig, str(CONFIGS / "train_tiny.yaml"), [
             "phases=[{name: L, trainable: [], lr: 1.0e-3, steps: 2, lora: {r: 0}}]"])
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("kind", ["ddp", "deepspeed"])
+def test_lora_phase_on_ray(ray_session, shards, tmp_path, kind):
+    """A LoRA phase on 2 Ray Train workers (DDP, or DeepSpeed ZeRO-2): rank 1 dies after a mid-phase checkpoint,
+    the run resumes from it (the LoRA weights and optimizer state come back) to the configured step count; the
+    phase ends in an adapter, not a full model, and it is the export; applied to the base it changes exactly
+    the adapted LLM projections and the projector."""
+    from pipelines.train.loop import train
+    from tests.test_train import metric_lines, tiny_config
+
+    marker = tmp_path / "fault-marker"
+    engine = ["engine.kind=deepspeed", f"engine.deepspeed={CONFIGS / 'deepspeed_zero2.yaml'}"] if kind != "ddp" else []
+    cfg = tiny_config(tmp_path, shards, f"lora-{kind}", *engine, "checkpoint.num_to_keep=null",
+                      "checkpoint.every_steps=2", "fault.global_step=3", "fault.rank=1", f"fault.marker={marker}",
+                      "logging.tensorboard=false",
+                      "phases=[{name: III-lora, trainable: [projector], mode: both, gamma: 0.75, lr: 1.0e-3, "
+                      "steps: 4, lora: {r: 4, alpha: 8, dropout: 0.0, targets: [q_proj, v_proj]}}]")
+    summary = train(cfg)
+    assert marker.exists(), "the injected failure never fired"
+    run_dir = tmp_path / "runs" / f"lora-{kind}"
+    steps, events = metric_lines(f"{run_dir}/logs/metrics.jsonl")
+    assert [e["global_step"] for e in events if e["event"] == "resume"] == [2]
+    assert [s["global_step"] for s in steps] == [1, 2, 3, 3, 4]
+    mid = run_dir / "checkpoint-p00-s0000002"
+    assert json.loads((mid / "train_state.json").read_text())["base_model"] == str(run_dir / "init_model")
+    if kind == "ddp":
+        saved = torch.load(mid / "optim.pt", weights_only=True)
+        assert any(".lora_A." in n for n in saved["weights"]) and saved["optimizer"]["state"]
+    else:
+        assert (mid / "deepspeed" / "latest").exists()
+    final = json.loads((run_dir / "checkpoint-p00-s0000004" / "train_state.json").read_text())
+    adapter = Path(final["model"])
+    assert (adapter / "adapter_model.safetensors").exists() and not (adapter / "model.safetensors").exists()
+    export = tmp_path / "export"
+    assert (export / "slime_adapter.json").exists() and (export / "training_data.json").exists()
+    assert summary["metrics"]["global_step"] == 4
+    model, _ = load_adapter(str(export), merge=True)
+    assert model.cfg.local.gamma == 0.75 and model.cfg.visual_mode == "both"
+    base = load_file(str(run_dir / "init_model" / "model.safetensors"))
+    after = model.state_dict()
+    changed = {k for k in base if not torch.equal(base[k], after[k])}
+    assert changed == {f"llm.model.layers.{i}.self_attn.{m}.weight" for i in (0, 1) for m in ("q_proj", "v_proj")} | {
+        k for k in base if k.startswith("projector.")}
