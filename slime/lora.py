@@ -130,7 +130,9 @@ def save_adapter(model, out_dir: str | Path, *, base_uri: str, base_fingerprint:
 
 def check_base(adapter_dir: str, base_dir: str, base_fingerprint: str | None = None) -> None:
     """Raise ``AdapterBaseMismatch`` (one line) unless ``base_dir`` is the base the adapter was trained on."""
-    meta = read_adapter_meta(adapter_dir)
+    from slime.storage import local_copy
+
+    meta = read_adapter_meta(local_copy(str(adapter_dir)))
     want = meta["base"]["fingerprint"]
     got = base_fingerprint or fingerprint(base_dir)
     if got != want:
@@ -187,8 +189,9 @@ def load_model(uri: str, *, merge: bool = False, device: str | torch.device = "c
 def merge_to_model(adapter_dir: str, out_dir: str, *, base: str | None = None) -> Path:
     """``slime merge``: the base with the adapter folded in, written as a full model directory."""
     from slime.checkpoint import save_pretrained
+    from slime.storage import local_copy
 
     model, tokenizer = load_adapter(adapter_dir, base=base, merge=True)
-    meta = read_adapter_meta(adapter_dir)
+    meta = read_adapter_meta(local_copy(str(adapter_dir)))
     return save_pretrained(model, tokenizer, out_dir, metadata={"merged_from": {"adapter": str(adapter_dir),
                                                                                 "base": meta["base"]}})

@@ -13,12 +13,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from pipelines.train.config import OptimConfig, PhaseConfig, TrainConfig
+from pipelines.train.config import EngineConfig, OptimConfig, PhaseConfig, TrainConfig
 from pipelines.train.parallel import build_engine
-from pipelines.train.config import EngineConfig
 from slime.config import load_config, replace
-from slime.lora import AdapterBaseMismatch, LoraSpec, add_lora, fingerprint, load_adapter, merge_to_model, \
-    read_adapter_meta, save_adapter
+from slime.lora import (
+    AdapterBaseMismatch,
+    LoraSpec,
+    add_lora,
+    fingerprint,
+    load_adapter,
+    read_adapter_meta,
+    save_adapter,
+)
 from slime.model import set_trainable
 from slime.presets import save_tiny_checkpoint
 from tests.test_model import batch_for, run
@@ -113,7 +119,7 @@ def test_checkpoint_carries_adapter_and_optimizer_state(trained, base_dir, tmp_p
         assert torch.equal(a, b), n
 
 
-def test_adapter_artifact_merge_and_wrong_base(trained, base_dir, tmp_path):
+def test_adapter_artifact_merge_and_wrong_base(trained, base_dir, tmp_path, capsys):
     model, batch = trained["model"].eval(), trained["batch"]
     with torch.no_grad():
         expected = run(model, batch, gamma=1.0).logits
@@ -132,7 +138,11 @@ def test_adapter_artifact_merge_and_wrong_base(trained, base_dir, tmp_path):
     # the HF reference through PEFT (unmerged) and the merged model both give the trained model's outputs
     peft_model, _ = load_adapter(str(out))
     assert hasattr(peft_model.llm, "peft_config") and peft_model.cfg.local.gamma == 0.75
-    merged_dir = merge_to_model(str(out), str(tmp_path / "merged"))
+    from jobs.merge import main as slime_merge
+
+    assert slime_merge(["--adapter", str(out), "--out", str(tmp_path / "merged")]) == 0
+    merged_dir = tmp_path / "merged"
+    assert (merged_dir / "EXPORT_COMPLETE").exists()
     from slime.checkpoint import load_pretrained
 
     merged, _ = load_pretrained(str(merged_dir))
@@ -151,12 +161,14 @@ def test_adapter_artifact_merge_and_wrong_base(trained, base_dir, tmp_path):
     with pytest.raises(AdapterBaseMismatch) as err:
         load_adapter(str(out), base=other)
     assert "\n" not in str(err.value) and base_dir in str(err.value) and other in str(err.value)
+    assert slime_merge(["--adapter", str(out), "--base", other, "--out", str(tmp_path / "bad")]) == 2
+    assert capsys.readouterr().err.count("\n") == 1 and not (tmp_path / "bad").exists()
 
 
 def test_lora_phase_config():
     cfg = load_config(TrainConfig, str(CONFIGS / "train_tiny.yaml"), [
-        "phases=[{name: I-a, trainable: [projector], lr: 1.0e-3, steps: 2}, {name: III-lora, trainable: "
-        "[projector, compressor], lr: 2.0e-4, steps: 2, lora: {r: 8, alpha: 16, targets: [q_proj, v_proj]}}]"])
+        ("phases=[{name: I-a, trainable: [projector], lr: 1.0e-3, steps: 2}, {name: III-lora, trainable: "
+        "[projector, compressor], lr: 2.0e-4, steps: 2, lora: {r: 8, alpha: 16, targets: [q_proj, v_proj]}}]")])
     assert cfg.phases[1].lora == LoraSpec(r=8, alpha=16.0, targets=("q_proj", "v_proj"))
     assert cfg.phases[0].lora is None
     with pytest.raises(ValueError, match="remove 'llm' from trainable"):
@@ -172,7 +184,7 @@ def test_lora_phase_config():
 # "ddp" passes too (63 s here); the suite runs ZeRO-2 only, for its 20-minute budget: the loop is the same for
 # both engines, and DDPEngine's LoRA save/load is test_checkpoint_carries_adapter_and_optimizer_state.
 @pytest.mark.parametrize("kind", ["deepspeed"])
-def test_lora_phase_on_ray(ray_session, shards, tmp_path, kind):
+def test_lora_phase_on_ray(ray_session, shards, tmp_path, kind):  # noqa: F811  (the fixture)
     """A LoRA phase on 2 Ray Train workers (DeepSpeed ZeRO-2, or DDP): rank 1 dies after a mid-phase checkpoint,
     the run resumes from it (the LoRA weights and optimizer state come back) to the configured step count; the
     phase ends in an adapter, not a full model, and it is the export; applied to the base it changes exactly
