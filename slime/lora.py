@@ -195,3 +195,24 @@ def merge_to_model(adapter_dir: str, out_dir: str, *, base: str | None = None) -
     meta = read_adapter_meta(local_copy(str(adapter_dir)))
     return save_pretrained(model, tokenizer, out_dir, metadata={"merged_from": {"adapter": str(adapter_dir),
                                                                                 "base": meta["base"]}})
+
+
+def save_null_adapter(base_dir: str, out_dir: str | Path) -> Path:
+    """An adapter of ``base_dir`` that changes nothing (PEFT's initial B = 0, so every LoRA term is exactly 0).
+
+    Why it exists: vLLM's CPU LoRA ops (``vllm/lora/ops/torch_ops``) index the adapter slots with the row's
+    slot id, and a row without an adapter has id -1, which Python indexing turns into the LAST slot: when
+    every slot holds an adapter, base requests batched with them get that adapter's weights. Sending base
+    requests through this adapter on CPU keeps them exact (measured: base rows wrong in a batch with two
+    adapters at max_loras=2, right through the null adapter). GPU kernels skip -1 and need none of this."""
+    from slime.checkpoint import load_pretrained
+    from slime.model import set_trainable
+
+    model, _ = load_pretrained(base_dir)
+    set_trainable(model, [])
+    names = add_lora(model, LoraSpec(r=1, alpha=1.0, dropout=0.0))
+    if any(float(p.abs().max()) != 0.0 for n, p in model.named_parameters() if ".lora_B." in n):
+        raise RuntimeError("PEFT no longer initialises lora_B to zero: the null adapter would change outputs")
+    return save_adapter(model, out_dir, base_uri=base_dir, base_fingerprint=fingerprint(base_dir),
+                        serving={"visual_mode": model.cfg.visual_mode, "gamma": model.cfg.local.gamma},
+                        trainable=names, metadata={"null": True})
