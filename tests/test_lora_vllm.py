@@ -10,7 +10,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from tests.test_vllm_parity import QUESTIONS, picture, reference_ids, request, run, vllm_tiny
+from tests.test_vllm_parity import QUESTIONS, picture, reference_ids, request, vllm_tiny
 
 pytestmark = pytest.mark.integration
 
@@ -34,7 +34,9 @@ def make_adapter(base: str, out, seed: int, targets: tuple[str, ...]) -> str:
                             trainable=names))
 
 
-@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+# "qwen2" passes too (98 s on the shared 2-core box, commit 3d1c235); the suite runs Llama only, for its
+# 20-minute budget (an engine start per family dominates).
+@pytest.mark.parametrize("kind", ["llama"])
 def test_vllm_adapters_match_peft_and_merged(kind, tmp_path):
     from vllm.lora.request import LoRARequest
 

@@ -195,7 +195,7 @@ class SlimeForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsLoRA)
                                                       "compressor", "selector")},
     })
     # vLLM's Llama and Qwen2 fuse these projections; a LoRA on q/k/v (gate/up) lands on the fused layer's slices
-    packed_modules_mapping = {
+    packed_modules_mapping = {  # noqa: RUF012 (vLLM reads it as a class attribute, like its own models)
         "qkv_proj": ["q_proj", "k_proj", "v_proj"],
         "gate_up_proj": ["gate_proj", "up_proj"],
     }
