@@ -24,6 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "stop": ("jobs.submit:stop_main", "stop a submitted job: slime stop JOB_ID --address URL"),
     "register": ("jobs.register:main", "register a model directory in the model registry"),
     "promote": ("jobs.promote:main", "point the registry's production at a version"),
+    "merge": ("jobs.merge:main", "fold a LoRA adapter into its base: a full model directory"),
     "convert": ("jobs.convert:main", "convert released SliME / Dense Connector weights into a model directory"),
 }
 

@@ -93,7 +93,7 @@ def load_config(path: str | Path) -> ModelConfig:
 
 
 def load_pretrained(path: str, device: str | torch.device = "cpu", dtype: str | None = None):
-    """(model, tokenizer) from a model directory (local path or s3://...)."""
+    """(model, tokenizer) from a model directory (local path or s3://...); adapters: slime.lora.load_model."""
     from slime.model import build_model
 
     local = Path(local_copy(str(path)))

@@ -155,9 +155,9 @@ class Predictor:
     @classmethod
     def load(cls, path: str, device: str = "cpu", dtype: str | None = None, model_id: str | None = None,
              limits: RequestLimits | None = None, mode: VisualMode | None = None) -> Predictor:
-        from slime.checkpoint import load_pretrained
+        from slime.lora import load_model
 
-        model, tokenizer = load_pretrained(path, device=device, dtype=dtype)
+        model, tokenizer = load_model(path, device=device, dtype=dtype)  # an adapter: its base + PEFT (unmerged)
         return cls(model, tokenizer, model_id=model_id or str(path).rstrip("/").rsplit("/", 1)[-1], limits=limits,
                    mode=mode)
 

@@ -38,7 +38,8 @@ from vllm.multimodal.inputs import MultiModalFieldConfig, MultiModalKwargsItems
 from vllm.multimodal.parse import ImageProcessorItems, ImageSize, MultiModalDataItems
 from vllm.multimodal.processing import (BaseDummyInputsBuilder, BaseMultiModalProcessor, BaseProcessingInfo,
                                         PromptReplacement, PromptUpdate)
-from vllm.model_executor.models.interfaces import MultiModalEmbeddings, SupportsMultiModal
+from vllm.model_executor.models.interfaces import MultiModalEmbeddings, SupportsLoRA, SupportsMultiModal
+from vllm.model_executor.models.module_mapping import MultiModelKeys
 from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper, init_vllm_registered_model
 
 from pipelines.serve.vllm_plugin import ARCHITECTURE, SlimeVllmConfig
@@ -190,18 +191,35 @@ class _EmbeddingTable:
         self._lm = language_model
 
     def get_input_embeddings(self) -> nn.Module:
-        return self._lm.model.embed_tokens
+        # With LoRA enabled vLLM wraps the table; the wrapper maps rows to the scheduled batch's tokens, so
+        # the question's ids (not part of the batch) go through the plain table: adapters never touch it.
+        embed = self._lm.model.embed_tokens
+        return getattr(embed, "base_layer", embed)
 
 
 @MULTIMODAL_REGISTRY.register_processor(SlimeMultiModalProcessor, info=SlimeProcessingInfo,
                                         dummy_inputs=SlimeDummyInputsBuilder)
-class SlimeForConditionalGeneration(nn.Module, SupportsMultiModal):
-    # Checkpoint names are SlimeModel's (slime.checkpoint.save_pretrained); the LLM is vLLM's own.
+class SlimeForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsLoRA):
+    # Checkpoint names are SlimeModel's (slime.checkpoint.save_pretrained); the LLM is vLLM's own. A LoRA
+    # adapter (slime.lora: a PEFT adapter of the HF LLM alone) names the LLM's modules without ``llm.``:
+    # ``model.layers.0.self_attn.q_proj`` -> ``language_model.model.layers.0.self_attn.q_proj``.
     hf_to_vllm_mapper = WeightsMapper(orig_to_new_prefix={
         "llm.": "language_model.",
+        "model.": "language_model.model.",
+        "lm_head.": "language_model.lm_head.",
         **{f"{part}.": f"slime.{part}." for part in ("vision", "connector", "projector", "global_adapter",
                                                       "compressor", "selector")},
     })
+    # vLLM's Llama and Qwen2 fuse these projections; a LoRA on q/k/v (gate/up) lands on the fused layer's slices
+    packed_modules_mapping = {  # noqa: RUF012 (vLLM reads it as a class attribute, like its own models)
+        "qkv_proj": ["q_proj", "k_proj", "v_proj"],
+        "gate_up_proj": ["gate_proj", "up_proj"],
+    }
+
+    def get_mm_mapping(self) -> MultiModelKeys:
+        """LoRA adapts the language model only; the visual modules are the base's (slime.lora's rule for vLLM)."""
+        return MultiModelKeys.from_string_field(language_model="language_model", connector="slime.projector",
+                                                tower_model="slime.vision")
 
     @classmethod
     def get_placeholder_str(cls, modality: str, i: int) -> str | None:
@@ -240,7 +258,8 @@ class SlimeForConditionalGeneration(nn.Module, SupportsMultiModal):
         tile_mask = tile_mask if isinstance(tile_mask, torch.Tensor) else torch.stack(list(tile_mask))
         grid = grid if isinstance(grid, torch.Tensor) else torch.stack(list(grid))
         gammas = [float(g) for g in (gamma.tolist() if isinstance(gamma, torch.Tensor) else gamma)]
-        text = [self.language_model.embed_input_ids(i.to(pixel_values.device).long()) for i in ids]
+        table = self.slime.llm.get_input_embeddings()
+        text = [table(i.to(pixel_values.device).long()) for i in ids]
         has_image = torch.ones(pixel_values.shape[0], dtype=torch.bool, device=pixel_values.device)
         blocks = self.slime.visual_blocks(pixel_values, tile_mask.bool(), grid, has_image, text, self.mode, gammas,
                                           forced_expert=None)

@@ -5,7 +5,8 @@ YAML is its serialisation (jobs/configs/train_*.yaml); ``key=value`` overrides g
 ``init_from=<dir> data.shards=[<tar URI>, ...] export_dir=<dir> name=<run>`` (the exact shards it chose), so
 those keys live at these paths; the exported model's ``training_data.json`` says which shards were read.
 
-A phase says what trains (module-name prefixes), which visual tokens are fed (``mode``), the global
+A phase says what trains (module-name prefixes, and ``lora: {r, alpha, dropout, targets}`` for PEFT LoRA on the
+LLM: the run's last phase then ends in an adapter, slime/lora.py), which visual tokens are fed (``mode``), the global
 expert to pin (``forced_expert``), the local keep ratio ``gamma``, the learning rate and how long it
 runs (``steps``, or ``epochs`` of its dataset). ``data`` overrides the run's ``data`` section for that
 phase only (e.g. another manifest or SFT shards). ``DEFAULT_PHASES`` reproduces the paper's 4 runs.
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from slime.config import VisualMode
+from slime.lora import LoraSpec
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -33,6 +35,8 @@ class PhaseConfig:
     epochs: float | None = None  # passes over the phase's dataset (rows from the manifest count)
     data: dict[str, Any] = field(default_factory=dict)  # overrides of the run's `data` section
     deepspeed: dict[str, Any] = field(default_factory=dict)  # merged into engine.deepspeed (e.g. ZeRO-3 for III)
+    # LoRA on the LLM (PEFT) beside the fully trained ``trainable`` prefixes; the phase then ends in an adapter
+    lora: LoraSpec | None = None
 
     def __post_init__(self) -> None:
         if (self.steps is None) == (self.epochs is None):
@@ -43,8 +47,12 @@ class PhaseConfig:
             raise ValueError(f"phase {self.name!r}: forced_expert must be 0, 1 or null, got {self.forced_expert}")
         if self.gamma is not None and not 0.0 < self.gamma <= 1.0:
             raise ValueError(f"phase {self.name!r}: gamma must be in (0, 1], got {self.gamma}")
-        if not self.trainable:
+        if not self.trainable and self.lora is None:
             raise ValueError(f"phase {self.name!r}: trainable must name at least one prefix")
+        llm = [t for t in self.trainable if t == "llm" or t.startswith("llm.")]
+        if self.lora is not None and llm:
+            raise ValueError(f"phase {self.name!r}: with lora the LLM trains through its adapter only; remove "
+                             f"{llm[0]!r} from trainable")
         if self.lr <= 0:
             raise ValueError(f"phase {self.name!r}: lr must be > 0, got {self.lr}")
 
@@ -191,6 +199,11 @@ class TrainConfig:
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:
             raise ValueError(f"phases: names must be unique, {dupes[0]!r} repeats")
+        # A LoRA phase ends in an adapter over its start model (the run's product), not in a full model a
+        # further phase could start from.
+        lora = [p.name for p in expand_phases(self)[:-1] if p.lora is not None]
+        if lora:
+            raise ValueError(f"phase {lora[0]!r}: a lora phase must be the last phase of the run")
 
 
 def expand_phases(cfg: TrainConfig) -> list[PhaseConfig]:

@@ -30,7 +30,7 @@ from pipelines import storage
 from pipelines.train.batches import Batches
 from pipelines.train.config import PhaseConfig, TrainConfig, expand_phases
 from pipelines.train.state import Position, RunLog, export_model, phase_model_uri, read_position, seed_everything, \
-    write_checkpoint_files, write_phase_model
+    write_checkpoint_files, write_phase_adapter, write_phase_model
 from slime.config import from_dict, merge, replace, to_dict
 
 CHECKPOINT_KEYS = ("phase", "phase_index", "step", "global_step", "loss", "phase_done")
@@ -271,7 +271,8 @@ def train_loop_per_worker(config: dict) -> None:
 
     from pipelines.data.ingest import DataConfig, torch_batch_kwargs
     from pipelines.train.parallel import build_engine
-    from slime.checkpoint import load_pretrained, serving_config
+    from slime.checkpoint import serving_config
+    from slime.lora import add_lora, load_model
     from slime.model import set_trainable
 
     cfg: TrainConfig = from_dict(TrainConfig, config["train"])
@@ -316,14 +317,15 @@ def train_loop_per_worker(config: dict) -> None:
                     started.add(i)
 
         warm(pos.phase_index + cfg.ingest.warm_ahead - 1)  # the first phases' start while the model loads
-        model, tokenizer = load_pretrained(start_model)
+        model, tokenizer = load_model(start_model)  # an adapter dir after a finished lora phase
         buffers = nonpersistent_buffers(model)
         for index in range(pos.phase_index, len(phases)):
             phase, total = phases[index], plan[index]
             resuming = index == pos.phase_index and pos.step > 0
             if not resuming:  # mid-phase resumes restored their RNG states instead
                 seed_everything(cfg.seed + 1000 * index + rank)  # each phase reproducible on its own
-            trainable = set_trainable(model, phase.trainable)
+            trainable = set_trainable(model, phase.trainable)  # + PEFT LoRA on the LLM in a lora phase:
+            trainable += add_lora(model, phase.lora) if phase.lora is not None else []
             if model.global_adapter is not None:
                 model.global_adapter.gate_noise = phase.router_noise
             model.train()
@@ -365,7 +367,11 @@ def train_loop_per_worker(config: dict) -> None:
                     state = {"phase_index": index, "phase": phase.name, "step": step, "phase_steps": total,
                              "global_step": global_step, "data_epoch": batches.epoch,
                              "batch_in_epoch": batches.batch_in_epoch, "phase_done": done}
-                    if done:  # the next phase trains a fresh model holding these weights, written once here
+                    if done and phase.lora is not None:  # the run's last phase: its adapter over the start model
+                        state["model"] = phase_model_uri(cfg.storage_path, cfg.name, index, phase.name)
+                        write_phase_adapter(state["model"], engine=engine, rank=rank, base_uri=start_model,
+                                            trainable=trainable, phase=phase, run=cfg.name, global_step=global_step)
+                    elif done:  # the next phase trains a fresh model holding these weights, written once here
                         model = rebuild(engine.module, tokenizer, engine.full_state_dict(), buffers)
                         state["model"] = start_model = phase_model_uri(cfg.storage_path, cfg.name, index, phase.name)
                         if rank == 0:

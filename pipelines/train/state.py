@@ -7,6 +7,9 @@ Phase models (written once, at each phase end, by rank 0; atomic like an export)
                        save_pretrained): full weights, servable and evaluable as it is; its config's
                        visual_mode and local.gamma are the phase's (the serving defaults). Outside Ray
                        Train's checkpoints, so ``checkpoint.num_to_keep`` never deletes a phase's start.
+                       A LoRA phase (the run's last) writes an adapter directory there instead (slime.lora:
+                       PEFT adapter + non-LoRA trainables over the phase's start model, named by URI and
+                       fingerprint): only what the phase trained, never a second full model.
 
 Checkpoint directory (one per ``ray.train.report``; the per-rank files are merged by Ray Train)::
 
@@ -103,6 +106,25 @@ def write_phase_model(uri: str, *, model, tokenizer, cfg, metadata: dict) -> Non
     with tempfile.TemporaryDirectory() as tmp:
         save_pretrained(model, tokenizer, tmp, metadata=metadata, cfg=cfg)
         export_model(tmp, uri)
+
+
+def write_phase_adapter(uri: str, *, engine, rank: int, base_uri: str, trainable: list[str], phase, run: str,
+                        global_step: int) -> None:
+    """Every rank at the end of a LoRA phase (the state is gathered collectively under ZeRO-3); rank 0 writes
+    the adapter (PEFT layout + non-LoRA trainables) over ``base_uri``, the phase's start model, named by URI
+    and content fingerprint (slime/lora.py), published atomically. The phase's mode and gamma are its
+    serving defaults."""
+    from slime.lora import fingerprint, save_adapter
+
+    state = engine.full_state_dict()
+    if rank != 0:
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        out = os.path.join(tmp, "adapter")
+        save_adapter(engine.module, out, base_uri=base_uri, base_fingerprint=fingerprint(base_uri),
+                     serving={"visual_mode": phase.mode, "gamma": phase.gamma}, trainable=trainable, state=state,
+                     metadata={"run": run, "phase": phase.name, "global_step": global_step})
+        export_model(out, uri)
 
 
 def write_checkpoint_files(directory: str, *, rank: int, state: dict, engine) -> None:
@@ -205,10 +227,13 @@ def export_model(src_uri: str, export_dir: str, extra: dict[str, bytes] | None =
     with tempfile.TemporaryDirectory() as local:
         storage.copy_dir(src_uri, local)
         add_extra(local)
+        # the file a reader recognises the directory by goes last: a model's config, or an adapter's record
         last = os.path.join(local, "slime_config.yaml")
+        if not os.path.exists(last):
+            last = os.path.join(local, "slime_adapter.json")
         held = open(last, "rb").read()
         os.unlink(last)
         storage.copy_dir(local, export_dir)
-    storage.write_bytes_atomic(storage.join(export_dir, "slime_config.yaml"), held)
+    storage.write_bytes_atomic(storage.join(export_dir, os.path.basename(last)), held)
     storage.write_bytes_atomic(storage.join(export_dir, "EXPORT_COMPLETE"),
                                json.dumps({"source": src_uri, "time": time.time()}).encode())
