@@ -216,3 +216,51 @@ def save_null_adapter(base_dir: str, out_dir: str | Path) -> Path:
     return save_adapter(model, out_dir, base_uri=base_dir, base_fingerprint=fingerprint(base_dir),
                         serving={"visual_mode": model.cfg.visual_mode, "gamma": model.cfg.local.gamma},
                         trainable=names, metadata={"null": True})
+
+
+class AdapterError(ValueError):
+    """An adapter that cannot be served on this base: the message names the one thing wrong with it."""
+
+
+def check_servable(adapter_dir: str | Path, base_dir: str | Path, *, base_fingerprint: str, max_rank: int,
+                   llm_only: bool) -> dict:
+    """Everything an engine needs to trust before loading the (local) adapter at ``adapter_dir`` onto the base at
+    ``base_dir``; returns its ``slime_adapter.json``. ``AdapterError`` (one line) when its metadata or weights are
+    unreadable (a corrupt file), it belongs to another base, its rank exceeds ``max_rank``, a LoRA tensor does not
+    fit the base's projection, or (``llm_only``: an engine that swaps LLM LoRA weights alone, as vLLM does) its
+    fully trained visual modules differ from the base's."""
+    from safetensors import safe_open
+
+    adapter_dir, base_dir = Path(adapter_dir), Path(base_dir)
+    try:
+        meta = read_adapter_meta(adapter_dir)
+        rank = int(json.loads((adapter_dir / "adapter_config.json").read_text())["r"])
+        lora = load_file(str(adapter_dir / "adapter_model.safetensors"))
+        non_lora = load_file(str(adapter_dir / NON_LORA)) if (adapter_dir / NON_LORA).exists() else {}
+    except Exception as e:  # OSError, JSON and key errors, safetensors' own SafetensorError: all mean unreadable
+        raise AdapterError(f"adapter {adapter_dir} is unreadable ({type(e).__name__}: {str(e)[:120]})") from None
+    want = meta.get("base", {}).get("fingerprint")
+    if want != base_fingerprint:
+        raise AdapterError(f"adapter {adapter_dir} belongs to base {meta.get('base', {}).get('uri')} "
+                           f"({str(want)[:19]}), not to the served base ({base_fingerprint[:19]})")
+    if rank > max_rank:
+        raise AdapterError(f"adapter {adapter_dir} has rank {rank}, above this endpoint's max_lora_rank {max_rank}")
+    with safe_open(str(base_dir / "model.safetensors"), framework="pt") as base:
+        shapes = {k: tuple(base.get_slice(k).get_shape()) for k in base.keys()}  # noqa: SIM118 (safe_open API)
+        for key, value in lora.items():
+            # PEFT: base_model.model.<HF LLM module>.lora_A.weight -> ours: llm.<HF LLM module>.weight
+            module, _, part = key.removeprefix("base_model.model.").rpartition(".lora_")
+            target = shapes.get(f"llm.{module}.weight")
+            ok = (target is not None and value.dim() == 2 and part in ("A.weight", "B.weight")
+                  and value.shape[1 if part == "A.weight" else 0] == target[1 if part == "A.weight" else 0]
+                  and value.shape[0 if part == "A.weight" else 1] == rank)
+            if not ok:
+                raise AdapterError(f"adapter {adapter_dir}: {key} {tuple(value.shape)} fits no projection of the base")
+        if llm_only:
+            for name, value in non_lora.items():
+                own = base.get_tensor(name) if name in shapes else None
+                if own is None or not torch.equal(value.to(own.dtype), own):
+                    raise AdapterError(f"adapter {adapter_dir} trains visual modules of its own ({name}); this "
+                                       f"engine swaps LLM LoRA weights only: `slime merge` it and serve the merged "
+                                       f"model, or train the LoRA phase with trainable: []")
+    return meta

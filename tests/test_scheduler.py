@@ -331,3 +331,39 @@ def test_a_run_that_read_other_shards_is_not_registered(env):
     rec = Scheduler(cfg, Leaky(cfg.work_dir), now=clock).tick()
     assert rec["decision"] == "failed" and "shard-000009-000000.tar" in rec["reason"]
     assert Registry(cfg.registry).list() == [] and Registry(cfg.registry).production() is None
+
+
+class AdapterRunner(FileRunner):
+    """Each retrain after the first writes an adapter of its start model (as a run whose last phase is a lora
+    phase does): ``slime_adapter.json`` naming that model as its base."""
+
+    def retrain(self, parent_model_dir, manifest_uri, new_shards, run_name):
+        out = super().retrain(None, manifest_uri, new_shards, run_name)  # a fresh directory, not a copy
+        self.calls[-1] = ("retrain", parent_model_dir, *self.calls[-1][2:])
+        if parent_model_dir:
+            with open(os.path.join(out, "slime_adapter.json"), "w") as f:
+                json.dump({"base": {"uri": parent_model_dir, "fingerprint": "sha256:" + "0" * 64}, "r": 8}, f)
+        return out
+
+
+def test_scheduled_adapters_are_versions_over_one_base(env):
+    """Retraining can produce an adapter: it is registered as a version of its own whose lineage names its base,
+    and the next retrain starts from that base again (a new adapter over the same base, never an adapter of an
+    adapter)."""
+    cfg, clock, _ = env
+    runner = AdapterRunner(cfg.work_dir, quality=0.5)
+    Scheduler(cfg, runner, now=clock).tick()  # the first production: a full model
+    reg = Registry(cfg.registry)
+    base = reg.production()
+    assert base.lineage["artifact"] == "model" and base.train_from == base.model_uri
+    for version, quality in ((2, 0.6), (3, 0.7)):
+        write_manifest(cfg.manifest, 2 * version, version=version)
+        clock.advance(86400)
+        runner.quality = quality
+        rec = Scheduler(cfg, runner, now=clock).tick()
+        assert rec["decision"] == "promoted", rec
+        prod = reg.production()
+        assert prod.lineage["artifact"] == "adapter" and prod.lineage["base"]["uri"] == base.model_uri
+        assert prod.train_from == base.model_uri and prod.lineage["parent_model"] == base.model_uri
+        assert runner.calls[-3][:2] == ("retrain", base.model_uri), runner.calls  # from the base, each time
+        assert runner.served == prod.model_uri  # the adapter version is what Serve rolls to

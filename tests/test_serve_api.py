@@ -203,13 +203,26 @@ def test_unexpected_errors_are_openai_500s_and_the_app_keeps_serving():
 
 
 @pytest.mark.parametrize(("engine", "setting", "value"), [("vllm", "max_batch_size", 4), ("vllm", "device", "cuda"),
-                                                         ("hf", "max_num_seqs", 64), ("hf", "tensor_parallel_size", 2)])
+                                                         ("hf", "max_num_seqs", 64), ("hf", "tensor_parallel_size", 2),
+                                                         ("hf", "lora_dir", "s3://b/loras"),
+                                                         ("hf", "adapters", {"a": "/a"})])
 def test_a_setting_the_engine_cannot_honour_is_an_error_naming_it(engine, setting, value):
     from pipelines.serve.ingress import ServeArgs, check_engine_settings
 
     check_engine_settings(ServeArgs(model="/m"), engine)  # defaults are fine for either engine
     with pytest.raises(ValueError, match=f"{setting}={value!r} is a setting of the"):
         check_engine_settings(ServeArgs(model="/m", **{setting: value}), engine)
+
+
+@pytest.mark.parametrize(("settings", "message"), [({"max_lora_rank": 12}, "max_lora_rank must be one of"),
+                                                   ({"max_loras": 4, "max_cpu_loras": 2}, "max_cpu_loras >= max_loras"),
+                                                   ({"adapters": {"a/b": "/x"}}, "not a usable adapter name"),
+                                                   ({"model_id": "m", "adapters": {"m": "/x"}}, "not the base's")])
+def test_lora_serving_settings_are_checked(settings, message):
+    from pipelines.serve.ingress import ServeArgs
+
+    with pytest.raises(ValueError, match=message):
+        ServeArgs(model="/m", **settings)
 
 
 def test_default_model_id(tmp_path):

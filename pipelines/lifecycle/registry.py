@@ -53,6 +53,17 @@ def code_revision() -> str:
         return "unknown"
 
 
+def artifact(model_dir: str) -> dict[str, Any]:
+    """What a version holds: ``{"artifact": "model"}``, or ``{"artifact": "adapter", "base": {uri, fingerprint}}``
+    for a LoRA adapter (slime/lora.py), whose base the lineage then names."""
+    from slime.lora import ADAPTER_META
+
+    meta_uri = storage.join(model_dir, ADAPTER_META)
+    if not storage.exists(meta_uri):
+        return {"artifact": "model"}
+    return {"artifact": "adapter", "base": json.loads(storage.read_bytes(meta_uri))["base"]}
+
+
 @dataclass(frozen=True)
 class Version:
     id: str
@@ -64,6 +75,12 @@ class Version:
     @property
     def model_uri(self) -> str:
         return storage.join(self.uri, "model")
+
+    @property
+    def train_from(self) -> str:
+        """The model a retrain starts from: this version's model, or an adapter's base (a new adapter is trained
+        over the same base each time, never an adapter of an adapter)."""
+        return self.lineage["base"]["uri"] if self.lineage.get("artifact") == "adapter" else self.model_uri
 
     @property
     def shards(self) -> list[str]:
@@ -100,7 +117,7 @@ class Registry:
         storage.copy_dir(model_dir, self._uri("versions", version_id, "model"))
         self._write_json(metrics, "versions", version_id, "metrics.json")
         full = {"created": self.now().astimezone(UTC).isoformat(), "code_revision": code_revision(),
-                "source_model_dir": model_dir, **lineage}
+                "source_model_dir": model_dir, **artifact(model_dir), **lineage}
         self._write_json(full, "versions", version_id, "lineage.json")  # last: marks the version complete
         return version_id
 

@@ -237,7 +237,7 @@ class Scheduler:
             run_name = run_name_for(str(manifest.get("dataset_version")), prod, names, policy)
             trained_on, replayed = select_shards(names, new, cfg.train_on, cfg.replay_fraction, run_name)
             record.update(run_name=run_name, trained_on=trained_on)
-            model_dir = self.runner.retrain(prod.model_uri if prod else None, cfg.manifest, trained_on, run_name)
+            model_dir = self.runner.retrain(prod.train_from if prod else None, cfg.manifest, trained_on, run_name)
             lock.heartbeat()
             read = shards_read(model_dir)
             if read is not None and set(read) - set(trained_on):
@@ -249,7 +249,7 @@ class Scheduler:
             lineage = {"dataset_version": manifest.get("dataset_version"), "shards": names,
                        "new_shards": new, "trained_on": trained_on, "replayed_shards": replayed,
                        "shards_read": read, "train_on": cfg.train_on, "replay_fraction": cfg.replay_fraction,
-                       "parent_version": parent_id, "parent_model": prod.model_uri if prod else None,
+                       "parent_version": parent_id, "parent_model": prod.train_from if prod else None,
                        "run_name": run_name, "manifest": cfg.manifest,
                        "run_config": {"train_config": cfg.jobs.train_config,
                                       "train_overrides": list(cfg.jobs.train_overrides),

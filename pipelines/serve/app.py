@@ -224,23 +224,25 @@ def build_app(args: ServeArgs | dict) -> Application:
     # Only what the replica reads goes into init args: changing batching, resources or autoscaling
     # then stays a lightweight update instead of restarting every replica.
     replica_args = {k: v for k, v in dataclasses.asdict(args).items()
-                    if k not in ("autoscaling", "num_cpus", "num_gpus", "max_ongoing_requests", "max_batch_size",
+                    if k not in ("autoscaling", "num_cpus", "num_gpus", "env", "max_ongoing_requests", "max_batch_size",
                                  "batch_wait_timeout_s", "max_surge_percent")}
     replica_args["allowed_url_schemes"] = list(args.allowed_url_schemes)
     from pipelines.serve.engine import resolve_engine
 
     replica_args["engine"] = resolve_engine(args.engine, args.model)
     check_engine_settings(args, replica_args["engine"])
+    actor = {"num_cpus": args.num_cpus, "num_gpus": args.num_gpus,
+             **({"runtime_env": {"env_vars": dict(args.env)}} if args.env else {})}
     if replica_args["engine"] == "vllm":
         from pipelines.serve.vllm_app import VllmServer
 
         # Continuous batching replaces @serve.batch: no batching user_config to reconfigure.
-        return VllmServer.options(ray_actor_options={"num_cpus": args.num_cpus, "num_gpus": args.num_gpus},
+        return VllmServer.options(ray_actor_options=actor,
                                   max_ongoing_requests=args.max_ongoing_requests,
                                   autoscaling_config=dataclasses.asdict(a),
                                   max_surge_percent=args.max_surge_percent).bind(replica_args)
     return SlimeServer.options(
-        ray_actor_options={"num_cpus": args.num_cpus, "num_gpus": args.num_gpus},
+        ray_actor_options=actor,
         max_ongoing_requests=args.max_ongoing_requests,
         autoscaling_config=dataclasses.asdict(a),
         user_config={"max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_timeout_s},

@@ -77,13 +77,29 @@ def model_dir(uri: str, visual_mode: VisualMode | None = None, cache_root: str |
     return out
 
 
+def adapter_meta(uri: str) -> dict | None:
+    """``slime_adapter.json`` when ``uri`` (local or s3://) is a LoRA adapter directory, else None."""
+    import fsspec
+
+    from slime.lora import ADAPTER_META
+
+    fs, path = fsspec.core.url_to_fs(f"{str(uri).rstrip('/')}/{ADAPTER_META}")
+    if not fs.exists(path):
+        return None
+    with fs.open(path, "r") as f:
+        return json.load(f)
+
+
 def vllm_unsupported(uri: str) -> str | None:
-    """Why vLLM cannot run the checkpoint at ``uri`` on this machine, or None if it can. ``auto``
-    engine choices (serving, evaluation) use it to fall back to the HF Predictor, and say so."""
+    """Why vLLM cannot run the checkpoint at ``uri`` (an adapter: its base) on this machine, or None if it can.
+    ``auto`` engine choices (serving, evaluation) use it to fall back to the HF Predictor, and say so."""
     import fsspec
     import yaml
 
     from slime.config import ModelConfig, from_dict
+
+    meta = adapter_meta(uri)
+    uri = meta["base"]["uri"] if meta else uri
 
     def read(name: str) -> str:  # two small files, not a copy of the weights (s3:// models)
         with fsspec.open(f"{str(uri).rstrip('/')}/{name}", "r") as f:

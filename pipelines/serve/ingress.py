@@ -56,6 +56,9 @@ class AutoscalingArgs:
             raise ValueError("autoscaling.look_back_period_s must exceed autoscaling.metrics_interval_s")
 
 
+LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the ranks vLLM's LoRAConfig accepts as max_lora_rank
+
+
 @dataclass(frozen=True, kw_only=True)
 class ServeArgs:
     model: str  # checkpoint dir or s3:// URI (self-describing: config + weights + tokenizer)
@@ -73,6 +76,7 @@ class ServeArgs:
     mode: Literal["global", "local", "both"] | None = None
     num_cpus: float = 0.5
     num_gpus: float = 0.0
+    env: dict[str, str] = field(default_factory=dict)  # replica env vars (e.g. AWS_ENDPOINT_URL of an S3-compatible store)
     autoscaling: AutoscalingArgs = field(default_factory=AutoscalingArgs)
     max_ongoing_requests: int = 16  # per replica; Serve's default 5 would silently cap batches at 5
     max_batch_size: int = 8
@@ -85,6 +89,12 @@ class ServeArgs:
     max_tokens: int = RequestLimits.max_new_tokens  # cap on a request's max_tokens
     allowed_url_schemes: tuple[str, ...] = ("data",)  # add http/https/s3 deliberately (server-side fetches)
     api_key: str | None = None  # default: env SLIME_API_KEY; unset = no auth
+    # LoRA adapters (vllm, pipelines/serve/adapters.py): the request's "model" names one; set either to enable
+    adapters: dict[str, str] = field(default_factory=dict)  # {name: adapter dir or s3:// URI}, loaded at start
+    lora_dir: str | None = None  # <lora_dir>/<name>/ loaded on the first request naming it (run-time adds)
+    max_loras: int = 4  # adapters in one batch (vLLM's max_loras)
+    max_cpu_loras: int | None = None  # adapters kept loaded per replica, least recently used evicted (>= max_loras)
+    max_lora_rank: int = 16  # adapters of a higher rank are refused at load
 
     def __post_init__(self) -> None:
         if not self.model:
@@ -103,6 +113,14 @@ class ServeArgs:
             raise ValueError(f"allowed_url_schemes: {bad} not in {list(oai.URL_SCHEMES)}")
         if self.num_cpus <= 0 and self.num_gpus <= 0:
             raise ValueError("num_cpus or num_gpus must be > 0")
+        if self.max_lora_rank not in LORA_RANKS:
+            raise ValueError(f"max_lora_rank must be one of {list(LORA_RANKS)} (vLLM's), got {self.max_lora_rank}")
+        if self.max_loras < 1 or (self.max_cpu_loras is not None and self.max_cpu_loras < self.max_loras):
+            raise ValueError(f"need max_loras >= 1 and max_cpu_loras >= max_loras, got {self.max_loras}/"
+                             f"{self.max_cpu_loras}")
+        bad = sorted(n for n in self.adapters if not n or "/" in n or n == self.model_id)
+        if bad:
+            raise ValueError(f"adapters: {bad[0]!r} is not a usable adapter name (no '/', not the base's model_id)")
 
     def limits(self) -> RequestLimits:
         return RequestLimits(max_images=self.max_images_per_request, max_image_pixels=self.max_image_pixels,
@@ -112,13 +130,15 @@ class ServeArgs:
 
 
 # Settings only one engine reads: given to the other (away from their default) they are an error naming them.
-ENGINE_ONLY = {"vllm": ("enforce_eager", "max_num_seqs", "tensor_parallel_size", "max_n"),
+ENGINE_ONLY = {"vllm": ("enforce_eager", "max_num_seqs", "tensor_parallel_size", "max_n", "adapters", "lora_dir",
+                        "max_loras", "max_cpu_loras", "max_lora_rank"),
                "hf": ("device", "max_batch_size", "batch_wait_timeout_s")}
 
 
 def check_engine_settings(args: ServeArgs, engine: str) -> None:
     """ValueError naming the first setting the resolved ``engine`` cannot honour (set away from its default)."""
-    defaults = {f.name: f.default for f in dataclasses.fields(ServeArgs)}
+    defaults = {f.name: f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
+                for f in dataclasses.fields(ServeArgs)}
     other = "hf" if engine == "vllm" else "vllm"
     for name in ENGINE_ONLY[other]:
         if getattr(args, name) != defaults[name]:

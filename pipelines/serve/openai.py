@@ -315,20 +315,23 @@ def load_image(url: str, limits: RequestLimits, param: str = "messages") -> Imag
 # --------------------------------------------------------------------------- responses
 
 
-def models_body(model_id: str) -> dict:
-    """GET /v1/models: the one model this app serves."""
-    return {"object": "list", "data": [{"id": model_id, "object": "model", "created": 0, "owned_by": "slime-ray"}]}
+def models_body(model_id: str, adapters: list[str] = ()) -> dict:
+    """GET /v1/models: the model this app serves, then its LoRA adapters (``parent`` = the base, as vLLM lists)."""
+    return {"object": "list", "data": [{"id": model_id, "object": "model", "created": 0, "owned_by": "slime-ray"},
+                                       *({"id": name, "object": "model", "created": 0, "owned_by": "slime-ray",
+                                          "parent": model_id} for name in adapters)]}
 
 
-async def read_chat(body: bytes, limits: RequestLimits, model_id: str) -> tuple[ParsedChat, Any]:
+async def read_chat(body: bytes, limits: RequestLimits, model_id: str | None) -> tuple[ParsedChat, Any]:
     """Body -> (the parsed request, a ``slime.predictor.ChatRequest`` with its images loaded). Both engines'
-    ingresses call this, so they reject the same requests the same way."""
+    ingresses call this, so they reject the same requests the same way. ``model_id`` None: the caller resolves
+    the request's ``model`` itself (an endpoint with adapters)."""
     import asyncio
 
     from slime.predictor import ChatRequest
 
     parsed = to_chat(parse_body(body, limits), limits)
-    if parsed.model not in (None, model_id):
+    if model_id is not None and parsed.model not in (None, model_id):
         raise InputError(f"model {parsed.model!r} is not served here (serving {model_id!r})",
                          param="model", code="model_not_found", status=404)
     images = [await asyncio.to_thread(load_image, url, limits, param) for url, param in parsed.images]

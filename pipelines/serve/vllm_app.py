@@ -16,6 +16,7 @@ Routes, auth, error bodies, streaming and rollout semantics are those of ``pipel
 
 # No `from __future__ import annotations`: FastAPI must see real types on the ingress methods.
 import asyncio
+import dataclasses
 import hashlib
 import logging
 import time
@@ -69,13 +70,24 @@ def _logprobs(chat, completion, k: int) -> dict:
 @serve.ingress(api)
 class VllmServer:
     async def __init__(self, args: dict) -> None:
-        from pipelines.serve.engine import VllmChat, async_engine
+        from pipelines.serve.engine import VllmChat, adapter_meta, async_engine
 
         self._ready = False
         self.args = from_dict(ServeArgs, args)
         a = self.args
         self.limits = a.limits()
         limits = self.limits  # one record: the HTTP layer and the encoder check the same numbers
+        # An adapter directory as the model: its base on the engine, the adapter answering under the model id
+        meta = adapter_meta(a.model)
+        self.default_adapter, adapters = None, dict(a.adapters)
+        if meta:
+            from slime.storage import local_copy
+
+            name = a.model_id or default_model_id(a.model, local_copy(a.model))
+            self.default_adapter = name
+            adapters = {**a.adapters, name: a.model}
+            a = self.args = dataclasses.replace(a, model=meta["base"]["uri"], model_id=name,
+                                                mode=a.mode or meta.get("serving", {}).get("visual_mode"))
         self.chat = VllmChat(a.model, limits=limits, mode=a.mode)
         self.model_id = a.model_id or default_model_id(a.model, self.chat.local_dir)
         self.fingerprint = "fp_" + hashlib.sha256(a.model.encode()).hexdigest()[:12]
@@ -84,11 +96,26 @@ class VllmServer:
                                    boundaries=[0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60])
         self.m_visual = Counter("slime_visual_tokens", "visual tokens processed")
         start = time.perf_counter()
+        from vllm.platforms import current_platform
+
+        cpu = current_platform.is_cpu()
+        # CPU: one more slot for the null adapter base requests travel through (pipelines/serve/adapters.py)
+        lora = ({"enable_lora": True, "max_loras": a.max_loras + cpu, "max_lora_rank": a.max_lora_rank,
+                 "max_cpu_loras": (a.max_cpu_loras or a.max_loras) + cpu} if adapters or a.lora_dir else {})
         self.engine = async_engine(a.model, visual_mode=a.mode, enforce_eager=a.enforce_eager, max_num_seqs=a.max_num_seqs,
                                    **({"dtype": a.dtype} if a.dtype else {}),
-                                   tensor_parallel_size=a.tensor_parallel_size)
+                                   tensor_parallel_size=a.tensor_parallel_size, **lora)
+        self.adapters = None
+        if lora:
+            from pipelines.serve.adapters import ServedAdapters
+
+            self.adapters = ServedAdapters(self.engine, a.model, self.chat.local_dir, adapters=adapters,
+                                           lora_dir=a.lora_dir, max_lora_rank=a.max_lora_rank,
+                                           mode=self.chat.encoder.mode, null_adapter=cpu)
+            await self.adapters.start()
         # Warm-up: /healthz turns 200 only after one real generation (lazy init paid here).
-        await self._final(ChatRequest(messages=[{"role": "user", "content": "hi"}], max_tokens=1), 1, None, None)
+        warm = ChatRequest(messages=[{"role": "user", "content": "hi"}], max_tokens=1)
+        await self._final(warm, 1, None, None, self._base_lora())
         self.engine_start_s = time.perf_counter() - start
         logger.info("vLLM engine for %s ready in %.1f s", a.model, self.engine_start_s)
         self._ready = True
@@ -116,23 +143,26 @@ class VllmServer:
     @api.get("/v1/models")
     async def models(self, request: Request) -> JSONResponse:
         authorize(request, self.args.api_key)
-        return JSONResponse(oai.models_body(self.model_id))
+        adapters = await asyncio.to_thread(self.adapters.names) if self.adapters else []
+        return JSONResponse(oai.models_body(self.model_id, adapters))
 
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
         start, status = time.perf_counter(), 500
         try:
             authorize(request, self.args.api_key)
-            parsed, req = await oai.read_chat(await request.body(), self.limits, self.model_id)
+            parsed, req = await oai.read_chat(await request.body(), self.limits,
+                                              None if self.adapters else self.model_id)
+            name, lora, req = await self._adapter(parsed.model, req)
             if parsed.stream:
-                response = await self._stream(req, parsed.include_usage, parsed.logprobs)
+                response = await self._stream(req, parsed.include_usage, parsed.logprobs, name, lora)
                 status = 200
                 return response
-            usage, choices = await self._final(req, parsed.n, parsed.logprobs, parsed.response_format)
+            usage, choices = await self._final(req, parsed.n, parsed.logprobs, parsed.response_format, lora)
             if usage.visual_tokens:  # ray.util.metrics Counter.inc rejects 0
                 self.m_visual.inc(usage.visual_tokens)
             status = 200
-            return JSONResponse(oai.completion_body(oai.new_id(), self.model_id, usage, self.fingerprint, choices))
+            return JSONResponse(oai.completion_body(oai.new_id(), name, usage, self.fingerprint, choices))
         except InputError as e:
             status = e.status
             return error_response(e)
@@ -145,7 +175,21 @@ class VllmServer:
 
     # ------------------------------------------------------------------ engine calls
 
-    def _submit(self, req: ChatRequest, n: int, logprobs: int | None, response_format, stream: bool):
+    def _base_lora(self):
+        return self.adapters.base_request() if self.adapters else None
+
+    async def _adapter(self, model: str | None, req: ChatRequest):
+        """-> (the name answered with, the LoRARequest or None, the request with the adapter's default gamma)."""
+        if model in (None, self.model_id) and self.default_adapter is None:
+            return self.model_id, self._base_lora(), req
+        model = model or self.default_adapter
+        lora, meta = await self.adapters.resolve(model)  # 404 unknown, 400 unservable
+        gamma = meta.get("serving", {}).get("gamma")
+        if req.gamma is None and gamma is not None:  # the gamma the adapter's phase trained at
+            req = dataclasses.replace(req, gamma=float(gamma))
+        return model, lora, req
+
+    def _submit(self, req: ChatRequest, n: int, logprobs: int | None, response_format, stream: bool, lora=None):
         """Encode (InputError on bad input) and start the request -> (async output iterator, info)."""
         from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
@@ -161,10 +205,10 @@ class VllmServer:
             params = self.chat.sampling_params(req, info, **extra)
         except ValueError as e:  # vLLM's own checks on the combination of sampling settings
             raise InputError(f"the engine rejected the sampling settings: {e}", code="invalid_value") from None
-        return self.engine.generate(prompt, params, request_id=uuid.uuid4().hex), info
+        return self.engine.generate(prompt, params, request_id=uuid.uuid4().hex, lora_request=lora), info
 
-    async def _final(self, req, n, logprobs, response_format) -> tuple[ChatResult, list[Choice]]:
-        outputs, info = self._submit(req, n, logprobs, response_format, stream=False)
+    async def _final(self, req, n, logprobs, response_format, lora=None) -> tuple[ChatResult, list[Choice]]:
+        outputs, info = self._submit(req, n, logprobs, response_format, stream=False, lora=lora)
         final = None
         try:
             async for out in outputs:
@@ -180,8 +224,9 @@ class VllmServer:
                            visual_tokens=info["visual_tokens"])
         return usage, choices
 
-    async def _stream(self, req: ChatRequest, include_usage: bool, logprobs: int | None) -> StreamingResponse:
-        outputs, info = self._submit(req, 1, logprobs, None, stream=True)
+    async def _stream(self, req: ChatRequest, include_usage: bool, logprobs: int | None, name: str,
+                      lora=None) -> StreamingResponse:
+        outputs, info = self._submit(req, 1, logprobs, None, stream=True, lora=lora)
         rid, created = oai.new_id(), int(time.time())
         # Pull the first output before answering 200, so an engine-side rejection is still a 4xx.
         try:
@@ -192,7 +237,7 @@ class VllmServer:
             raise InputError(f"the engine rejected the request: {e}", code="invalid_value") from None
 
         def chunk(delta: dict, finish: str | None = None, lp: dict | None = None) -> str:
-            body = oai.chunk(rid, self.model_id, created, delta, finish, self.fingerprint)
+            body = oai.chunk(rid, name, created, delta, finish, self.fingerprint)
             body["choices"][0]["logprobs"] = lp
             return oai.sse(body)
 
@@ -216,7 +261,7 @@ class VllmServer:
                     n = len(self.chat.completion_ids(ids))
                     usage = ChatResult("", finish, info["prompt_tokens"], n, info["visual_tokens"])
                     yield oai.sse({"id": rid, "object": "chat.completion.chunk", "created": created,
-                                   "model": self.model_id, "choices": [], "usage": oai.usage(usage)})
+                                   "model": name, "choices": [], "usage": oai.usage(usage)})
             except Exception as e:  # headers are sent: the error can only travel as an event
                 logger.exception("stream failed")
                 yield oai.sse(oai.error_body(f"internal error: {type(e).__name__}", type_="server_error"))
