@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 
 from slime.config import ModelConfig, replace
+from slime.lora import LoraSpec, add_lora
 from slime.model import SlimeModel, set_trainable
 from slime.presets import build_tiny, mini
 from slime.processing import SlimeProcessor
@@ -40,6 +41,7 @@ class Phase:
     lr: float
     gamma: float = 1.0
     forced_expert: int | None = None
+    lora: LoraSpec | None = None  # PEFT LoRA on the LLM beside ``trainable`` (a last phase only, as in slime train)
 
 
 def model_config(tile: int = 112, **local) -> ModelConfig:
@@ -51,7 +53,11 @@ def model_config(tile: int = 112, **local) -> ModelConfig:
 
 def schedule(variant: str, steps: int, pre: int, lr_pre: float = 1e-3, lr: float = 1e-3) -> list[Phase]:
     """global-only: I-a then a global joint phase. slime-g{gamma}: the paper's alternating I-a, I-b, II, III.
-    end-to-end: one joint phase (gamma 0.75) with the same total number of steps as slime-g*."""
+    end-to-end: one joint phase (gamma 0.75) with the same total number of steps as slime-g*. A ``-lora`` suffix
+    (slime-g0.75-lora): phase III trains the LLM through LoRA (r 16, alpha 32, all projections) instead of fully,
+    the visual modules fully, as SliME's LoRA scripts do."""
+    lora = variant.endswith("-lora")
+    variant = variant.removesuffix("-lora")
     ia = Phase("I-a", ("projector",), "global", pre, lr_pre, forced_expert=0)
     if variant == "global-only":
         return [ia, Phase("III", ("projector", "global_adapter", "llm"), "global", steps + 2 * pre, lr)]
@@ -59,9 +65,10 @@ def schedule(variant: str, steps: int, pre: int, lr_pre: float = 1e-3, lr: float
     if variant == "end-to-end":
         return [Phase("joint", joint, "both", steps + 3 * pre, lr, gamma=0.75)]
     gamma = float(variant.removeprefix("slime-g"))
+    last = (Phase("III", joint[:-1], "both", steps, lr, gamma=gamma, lora=LoraSpec(r=16, alpha=32.0, dropout=0.05))
+            if lora else Phase("III", joint, "both", steps, lr, gamma=gamma))
     return [ia, Phase("I-b", ("global_adapter.resampler",), "global", pre, lr_pre, forced_expert=1),
-            Phase("II", ("compressor",), "local", pre, lr_pre, gamma=1.0),
-            Phase("III", joint, "both", steps, lr, gamma=gamma)]
+            Phase("II", ("compressor",), "local", pre, lr_pre, gamma=1.0), last]
 
 
 class Miniature:
@@ -156,7 +163,8 @@ class Miniature:
         by_task = self.task_rows("train")
         model.train()
         for phase in phases:
-            params = [model.get_parameter(n) for n in set_trainable(model, phase.trainable)]
+            names = set_trainable(model, phase.trainable) + (add_lora(model, phase.lora) if phase.lora else [])
+            params = [model.get_parameter(n) for n in names]
             opt = torch.optim.AdamW(params, lr=phase.lr, weight_decay=0.0)
             enc = self.encoded("train", phase.mode, phase.gamma)
             for step in range(phase.steps):
