@@ -63,11 +63,14 @@ def _write_traceback(name: str) -> str:
 
 
 def require_model_dir(uri: str, what: str = "model", storage_cfg: Any = None) -> None:
-    """A model directory must hold slime_config.yaml (local path or s3://)."""
+    """A model directory must hold slime_config.yaml, an adapter directory slime_adapter.json (local or s3://)."""
     from pipelines import storage
+    from slime.lora import ADAPTER_META
 
     if not uri:
         raise JobError(f"no {what} given: pass {what}=DIR (a directory written by slime train / export)")
+    if storage.exists(storage.join(uri, ADAPTER_META), storage_cfg):
+        return
     if not storage.exists(storage.join(uri, "slime_config.yaml"), storage_cfg):
         why = "does not exist" if not storage.exists(uri, storage_cfg) else "has no slime_config.yaml"
         raise JobError(f"{what} {uri} {why}: give a model directory written by slime train (export_dir) "

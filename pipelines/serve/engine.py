@@ -99,6 +99,9 @@ def vllm_unsupported(uri: str) -> str | None:
     from slime.config import ModelConfig, from_dict
 
     meta = adapter_meta(uri)
+    if meta and meta.get("non_lora_trainables"):
+        return (f"the adapter trained visual modules of its own ({meta['non_lora_trainables'][0]}, ...), and vLLM swaps "
+                f"only the LLM's LoRA weights per request (slime merge it to serve it on vLLM)")
     uri = meta["base"]["uri"] if meta else uri
 
     def read(name: str) -> str:  # two small files, not a copy of the weights (s3:// models)
@@ -165,11 +168,16 @@ def engine_kwargs(uri: str, *, visual_mode: VisualMode | None = None, enforce_ea
 class VllmChat:
     """Request side of the engine: encode with the Predictor's ``ChatEncoder``, decode vLLM outputs."""
 
-    def __init__(self, uri: str, *, limits: RequestLimits | None = None, mode: VisualMode | None = None) -> None:
+    def __init__(self, uri: str, *, limits: RequestLimits | None = None, mode: VisualMode | None = None,
+                 serving: dict | None = None) -> None:
         from transformers import AutoTokenizer
+
+        from slime.checkpoint import serving_config
 
         local = self.local_dir = Path(local_copy(str(uri))).resolve()
         self.cfg = load_config(local)
+        if serving:  # an adapter's serving defaults (the visual mode and gamma its phase trained with)
+            self.cfg = serving_config(self.cfg, visual_mode=serving["visual_mode"], gamma=serving["gamma"])
         self.tokenizer = AutoTokenizer.from_pretrained(str(local / "tokenizer"))
         self.encoder = ChatEncoder(self.cfg, self.tokenizer, limits=limits, mode=mode)
         self.image_token_id = self.encoder.processor.image_token_id
@@ -246,7 +254,18 @@ class OfflineVllm:
 
     def __init__(self, uri: str, *, limits: RequestLimits | None = None, mode: VisualMode | None = None,
                  in_process: bool = False, **engine_overrides) -> None:
-        self.chat = VllmChat(uri, limits=limits, mode=mode)
+        meta, self.lora = adapter_meta(uri), None
+        if meta:  # an adapter directory: its base on the engine, every request through the adapter
+            from vllm.lora.request import LoRARequest
+
+            from pipelines.serve.ingress import LORA_RANKS
+
+            self.lora = LoRARequest("adapter", 1, str(Path(local_copy(str(uri))).resolve()))
+            mode = mode or meta["serving"]["visual_mode"]
+            engine_overrides.update(enable_lora=True, max_loras=1, max_cpu_loras=1,
+                                    max_lora_rank=min(r for r in LORA_RANKS if r >= int(meta["r"])))
+            uri = meta["base"]["uri"]
+        self.chat = VllmChat(uri, limits=limits, mode=mode, serving=meta["serving"] if meta else None)
         self.cfg, self.processor = self.chat.cfg, self.chat.encoder.processor
         self.llm = offline_engine(uri, visual_mode=mode, in_process=in_process, **engine_overrides)
 
@@ -262,7 +281,7 @@ class OfflineVllm:
         start = time.perf_counter()
         prompts, infos = zip(*(self.chat.prompt(r) for r in reqs))
         params = [self.chat.sampling_params(r, i) for r, i in zip(reqs, infos)]
-        self.llm.enqueue(list(prompts), params, use_tqdm=False)
+        self.llm.enqueue(list(prompts), params, lora_request=self.lora, use_tqdm=False)
         finished, engine = [], self.llm.llm_engine
         while engine.has_unfinished_requests():
             finished += [(o, time.perf_counter()) for o in engine.step() if o.finished]
