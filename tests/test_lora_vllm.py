@@ -72,3 +72,25 @@ def test_vllm_adapters_match_peft_and_merged(kind, tmp_path):
     assert not mismatches, (kind, mismatches)
     by_adapter = {a: [ids for ids, (_, b) in zip(got, batch) if b == a] for a in (None, 0, 1)}
     assert by_adapter[0] != by_adapter[None] and by_adapter[1] != by_adapter[None]  # the adapters do something
+
+
+def test_an_adapter_directory_evaluates_on_vllm_as_the_peft_reference(tmp_path):
+    """``slime evaluate model=<adapter dir>`` on vLLM (OfflineVllm): the base on the engine, every request through
+    the adapter, with the adapter's serving gamma; the same greedy tokens as the HF PEFT reference."""
+    from pipelines.serve.engine import OfflineVllm, resolve_engine
+    from slime.predictor import Predictor
+    from slime.presets import save_tiny_checkpoint
+
+    base = str(save_tiny_checkpoint(tmp_path / "base", seed=5, cfg=vllm_tiny("llama")))
+    adapter = make_adapter(base, tmp_path / "a", 7, ("q_proj", "v_proj", "down_proj"))
+    assert resolve_engine("auto", adapter) == "vllm"
+    engine = OfflineVllm(adapter, in_process=True)
+    try:
+        reqs = [request(q, picture(150, 90, seed=i), None) for i, q in enumerate(QUESTIONS)]
+        results = engine.generate(reqs)
+    finally:
+        engine.llm.llm_engine.engine_core.shutdown()
+    ref = Predictor.load(adapter)
+    want = [ref.generate([r])[0].text for r in reqs]
+    assert [r.text for r in results] == want
+    assert results[0].visual_tokens == ref.encode(reqs[0])["num_visual_tokens"]
