@@ -7,6 +7,7 @@ The Ray runs (DDP and DeepSpeed ZeRO-2 workers, a worker failure mid-LoRA-phase,
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -181,9 +182,10 @@ def test_lora_phase_config():
 
 
 @pytest.mark.integration
-# "ddp" passes too (63 s here); the suite runs ZeRO-2 only, for its 20-minute budget: the loop is the same for
-# both engines, and DDPEngine's LoRA save/load is test_checkpoint_carries_adapter_and_optimizer_state.
-@pytest.mark.parametrize("kind", ["deepspeed"])
+# "ddp" (63 s here) and "zero3" pass too (SLIME_LORA_ENGINES=ddp,zero2,zero3 runs them); the suite runs ZeRO-2 only,
+# for its 20-minute budget: the loop is the same for every engine, and DDPEngine's LoRA save/load is
+# test_checkpoint_carries_adapter_and_optimizer_state.
+@pytest.mark.parametrize("kind", os.environ.get("SLIME_LORA_ENGINES", "zero2").split(","))
 def test_lora_phase_on_ray(ray_session, shards, tmp_path, kind):  # noqa: F811  (the fixture)
     """A LoRA phase on 2 Ray Train workers (DeepSpeed ZeRO-2, or DDP): rank 1 dies after a mid-phase checkpoint,
     the run resumes from it (the LoRA weights and optimizer state come back) to the configured step count; the
@@ -193,7 +195,7 @@ def test_lora_phase_on_ray(ray_session, shards, tmp_path, kind):  # noqa: F811  
     from tests.test_train import metric_lines, tiny_config
 
     marker = tmp_path / "fault-marker"
-    engine = ["engine.kind=deepspeed", f"engine.deepspeed={CONFIGS / 'deepspeed_zero2.yaml'}"] if kind != "ddp" else []
+    engine = ["engine.kind=deepspeed", f"engine.deepspeed={CONFIGS / f'deepspeed_{kind}.yaml'}"] if kind != "ddp" else []
     cfg = tiny_config(tmp_path, shards, f"lora-{kind}", *engine, "checkpoint.num_to_keep=null",
                       "checkpoint.every_steps=2", "fault.global_step=3", "fault.rank=1", f"fault.marker={marker}",
                       "logging.tensorboard=false",
