@@ -16,6 +16,8 @@ learning The miniature (benchmarks/learning.py): slime-g0.75 with a full phase I
          ``--skip-learning`` leaves it out (it takes most of the time).
 
     python -m benchmarks.lora [--trials 3] [--steps 20] [--skip-learning] [--learning-steps 900]
+                              [--learning-from FILE]   # a saved `python -m benchmarks.learning --variants
+                                                       # slime-g0.75,slime-g0.75-lora` stdout
 
 The last stdout line is one JSON object:
 {"train": {"trainable_params": {"lora": N, "full": N}, "optimizer_bytes": {"lora": N, "full": N},
@@ -197,10 +199,18 @@ async def serve_side(model_dir: str, work: str, trials: int, concurrency: int, m
             "base_on_lora_engine_tok_s": round(statistics.median(machinery_rates), 1)}
 
 
-def learning(steps: int, seed: int) -> dict:
+def learning(steps: int, seed: int, result: str | None = None) -> dict:
+    """The miniature's two variants; ``result``: the last stdout line of an earlier
+    ``python -m benchmarks.learning --variants slime-g0.75,slime-g0.75-lora`` instead of training them here
+    (accuracy does not depend on the machine's load, the timings of the other parts do)."""
     from benchmarks.learning import main as learning_main
 
-    out = learning_main(["--variants", "slime-g0.75,slime-g0.75-lora", "--steps", str(steps), "--seed", str(seed)])
+    if result:
+        with open(result) as f:
+            out = json.loads(f.read().strip().splitlines()[-1])
+        steps, seed = out["steps"]["III"], out["seed"]
+    else:
+        out = learning_main(["--variants", "slime-g0.75,slime-g0.75-lora", "--steps", str(steps), "--seed", str(seed)])
     per_task = {task: {side: row["results"][variant] for side, variant in (("full", "slime-g0.75"),
                                                                          ("lora", "slime-g0.75-lora"))}
                 for task, row in out["tasks"].items() if row["kind"] == "local"}
@@ -221,6 +231,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--skip-learning", action="store_true")
     ap.add_argument("--learning-steps", type=int, default=900)
+    ap.add_argument("--learning-from", default=None, help="a saved benchmarks.learning stdout (its last line is used)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     work = tempfile.mkdtemp(prefix="slime-lora-bench-")
@@ -230,7 +241,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"train done in {time.perf_counter() - t0:.0f} s: {json.dumps(out['train'])}", flush=True)
     out["serve"] = asyncio.run(serve_side(model_dir, work, args.trials, args.concurrency, args.max_tokens))
     print(f"serve done in {time.perf_counter() - t0:.0f} s: {json.dumps(out['serve'])}", flush=True)
-    out["learning"] = None if args.skip_learning else learning(args.learning_steps, args.seed)
+    out["learning"] = None if args.skip_learning else learning(args.learning_steps, args.seed, args.learning_from)
     out["wall_s"] = round(time.perf_counter() - t0, 1)
     print(json.dumps(out))
     return out
