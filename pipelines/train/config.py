@@ -166,7 +166,7 @@ class TrackingSection:
     and artifacts. ``uri: null`` = the embedded store (SQLite + artifact folder in ``dir``, served by an
     ``mlflow server`` the driver starts on 127.0.0.1 for the run); ``http://host:port`` = a team's server."""
 
-    enabled: bool | None = None  # None = on unless env SLIME_TRACKING=off (the test suite sets it)
+    enabled: bool | None = None  # None = on; the embedded store only unless env SLIME_TRACKING=off (tests)
     uri: str | None = None  # http(s)://host:port; None = embedded store
     dir: str | None = None  # embedded store; None = <parent of a local storage_path>/mlflow, else ./mlflow
     experiment: str = "slime"

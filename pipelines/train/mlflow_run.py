@@ -25,8 +25,11 @@ EXPORT_METADATA = ("metadata.json", "training_data.json", "slime_config.yaml")
 
 
 def tracking_enabled(cfg) -> bool:
+    """Explicitly on/off; else on with a server URI; else (embedded store) on unless env SLIME_TRACKING=off."""
     if cfg.tracking.enabled is not None:
         return cfg.tracking.enabled
+    if cfg.tracking.uri:
+        return True
     return os.environ.get("SLIME_TRACKING", "on").lower() not in ("off", "0", "false", "no")
 
 

@@ -1,0 +1,183 @@
+"""MLflow tracking against a real ``mlflow server`` (``.venv-mlflow``, ``make mlflow``): SQLite backend, artifacts
+on the moto S3 server, on 127.0.0.1, started and stopped by this module.
+
+A training run's params, per-phase metric history and artifacts are on the server; a run that failed and was
+re-run under the same name is one MLflow run with a continuous step axis; a server stopped in the middle of a
+run does not fail the run.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+
+from pipelines import storage
+from pipelines.tracking.client import MAX_PARAM_VALUE, MlflowClient, flatten_params
+from pipelines.tracking.runs import RunTracker, open_run
+from pipelines.tracking.server import start_server
+from tests.test_train import shards, tiny_config  # noqa: F401 - the module-scoped data fixture
+
+TWO_PHASES = ("phases=[{name: I-a, trainable: [projector], mode: global, forced_expert: 0, lr: 1.0e-3, steps: 3}, "
+              "{name: II-local, trainable: [compressor], mode: local, lr: 1.0e-3, steps: 3}]")
+
+
+@pytest.fixture(scope="module")
+def artifact_bucket(moto_s3):
+    import boto3
+
+    boto3.client("s3", endpoint_url=moto_s3, region_name="us-east-1").create_bucket(Bucket="mlflow-artifacts")
+    return "mlflow-artifacts"
+
+
+@pytest.fixture(scope="module")
+def mlflow_server(tmp_path_factory, moto_s3, artifact_bucket):
+    """One real MLflow server for the module: SQLite store, artifacts proxied to s3://mlflow-artifacts."""
+    root = tmp_path_factory.mktemp("mlflow")
+    server = start_server(f"sqlite:///{root}/mlflow.db", f"s3://{artifact_bucket}/runs",
+                          env={"AWS_ENDPOINT_URL": moto_s3, "MLFLOW_S3_ENDPOINT_URL": moto_s3})
+    yield server
+    server.stop()
+    assert server.process.poll() is not None
+
+
+def runs_named(client: MlflowClient, experiment: str, name: str) -> list[dict]:
+    return client.search_runs(client.experiment_id(experiment), f"tags.`slime.run_name` = '{name}'")
+
+
+def test_client_limits_reopen_and_failures(mlflow_server, artifact_bucket, tmp_path):
+    """Params are flattened and clipped to MLflow's limits, 2,500 metric values go in chunks, artifacts land on
+    S3 through the server, a second open of the same run directory reopens the run, and a tracker pointed at
+    nothing counts its failures instead of raising."""
+    client = MlflowClient(mlflow_server.uri)
+    params = flatten_params({"optim": {"lr": 1e-3, "betas": [0.9, 0.99]}, "phases": [{"name": "a"}, {"name": "b"}],
+                             "long": "x" * 10_000, "none": None})
+    assert params["optim.betas"] == "[0.9, 0.99]" and params["phases.1.name"] == "b" and params["none"] == "null"
+    assert len(params["long"]) == MAX_PARAM_VALUE and params["long"].endswith("...")
+    run_dir = str(tmp_path / "runs" / "r")
+    first = open_run(mlflow_server.uri, "unit", "r", run_dir, params=params, tags={"slime.run_name": "r"})
+    tracker = RunTracker(mlflow_server.uri, first["run_id"])
+    for step in range(1, 1251):
+        tracker.log_metrics({"loss": 1.0 / step, "lr": 0.5}, step=step)
+    tracker.log_artifact("export/metadata.json", b'{"phase": "b"}')
+    assert tracker.close(status="FINISHED") == {"failures": 0, "unsent": 0, "dropped": 0}
+    history = client.metric_history(first["run_id"], "loss")
+    assert sorted(m["step"] for m in history) == list(range(1, 1251))
+    run = client.get_run(first["run_id"])
+    assert {p["key"]: p["value"] for p in run["data"]["params"]}["optim.lr"] == "0.001"
+    assert client.download_artifact(run, "export/metadata.json") == b'{"phase": "b"}'
+    s3_keys = [k for k in storage.listdir(f"s3://{artifact_bucket}/runs") if k]
+    assert s3_keys, "the server did not write the artifact to S3"
+
+    again = open_run(mlflow_server.uri, "unit", "r", run_dir, params={**params, "optim.lr": "1"}, tags={})
+    assert again["run_id"] == first["run_id"] and again["resumed"]
+    run = client.get_run(first["run_id"])
+    tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
+    assert run["info"]["status"] == "RUNNING" and tags["slime.resumes"] == "1"
+    assert tags["slime.changed_on_resume"] == "optim.lr"  # a param never changes; the change is recorded
+    assert len(runs_named(client, "unit", "r")) == 1
+
+    from pipelines.serve.ingress import free_port
+
+    dead = RunTracker(f"http://127.0.0.1:{free_port()}", "nope", background=True)
+    dead.log_metrics({"loss": 1.0}, step=1)
+    dead.set_tags({"phase": "x"})
+    dead.log_artifact("a.txt", b"a")
+    counts = dead.close(status="FINISHED", timeout=0.5)
+    assert counts["failures"] >= 3 and counts["unsent"] == 1
+
+
+@pytest.mark.integration
+def test_training_run_failed_and_rerun_is_one_mlflow_run(ray_session, shards, tmp_path, mlflow_server,  # noqa: F811
+                                                         artifact_bucket):
+    """Two phases x 3 steps; the first attempt dies at global step 4 (no Ray Train retries), the re-run of the
+    same name resumes from phase I-a's end checkpoint (step 3) into the same MLflow run: params, a loss value
+    for every global step 1..6 (step 4 twice: logged, lost with the attempt, retrained), the phase per step, per-phase
+    summaries, loss.png and the export's metadata on S3."""
+    from pipelines.train.loop import train
+
+    marker = tmp_path / "fault-marker"
+    cfg = tiny_config(tmp_path, shards, "tracked", TWO_PHASES, f"tracking.uri={mlflow_server.uri}",
+                      "tracking.experiment=train-test", "scaling.num_workers=1", "checkpoint.every_steps=2",
+                      "checkpoint.max_failures=0", "logging.tensorboard=false", "fault.global_step=4", "fault.rank=0",
+                      f"fault.marker={marker}", "fault.kind=raise")
+    with pytest.raises(Exception, match="injected failure"):
+        train(cfg)
+    assert marker.exists()
+    client = MlflowClient(mlflow_server.uri)
+    (failed,) = runs_named(client, "train-test", "tracked")
+    assert failed["info"]["status"] == "FAILED"
+
+    summary = train(cfg)
+    assert summary["mlflow"]["run_id"] == failed["info"]["run_id"] and summary["mlflow"]["resumed"]
+    assert summary["mlflow"]["failures"] == 0
+    (run,) = runs_named(client, "train-test", "tracked")
+    run_id = run["info"]["run_id"]
+    assert run["info"]["status"] == "FINISHED"
+    params = {p["key"]: p["value"] for p in run["data"]["params"]}
+    assert params["name"] == "tracked" and params["phases.1.name"] == "II-local"
+    assert params["scaling.num_workers"] == "1" and params["plan.1.II-local"] == "3"
+    tags = {t["key"]: t["value"] for t in run["data"]["tags"]}
+    assert tags["slime.resumes"] == "1" and tags["phase"] == "II-local" and tags["phase.0"] == "I-a"
+
+    loss = client.metric_history(run_id, "loss")
+    assert sorted({m["step"] for m in loss}) == list(range(1, 7))  # continuous across phases and the re-run
+    assert sorted(m["step"] for m in loss) == [1, 2, 3, 4, 4, 5, 6]
+    phase_of = {m["step"]: m["value"] for m in client.metric_history(run_id, "phase_index")}
+    assert phase_of == {1: 0, 2: 0, 3: 0, 4: 1, 5: 1, 6: 1}
+    for key in ("lr", "samples_per_s", "tokens_per_s", "visual_tokens_per_sample", "kept_local_fraction",
+                "data_wait_s"):
+        assert {m["step"] for m in client.metric_history(run_id, key)} == set(range(1, 7)), key
+    assert client.metric_history(run_id, "summary.II-local.steps")[-1]["value"] == 3
+
+    artifacts = set(client.list_artifacts(run))
+    assert {"loss.png", "phase_summary.json", "metrics.jsonl", "export/metadata.json",
+            "export/training_data.json"} <= artifacts
+    assert client.download_artifact(run, "loss.png")[:4] == b"\x89PNG"
+    summaries = json.loads(client.download_artifact(run, "phase_summary.json"))
+    assert [summaries[p]["steps"] for p in ("I-a", "II-local")] == [3, 3]
+    assert json.loads(client.download_artifact(run, "export/metadata.json"))["phase"] == "II-local"
+    assert storage.exists(f"s3://{artifact_bucket}/runs/{run['info']['experiment_id']}/{run_id}/artifacts/loss.png")
+
+
+@pytest.mark.integration
+def test_server_stopped_mid_run_does_not_fail_the_run(ray_session, shards, tmp_path, mlflow_server):  # noqa: F811
+    """The module's server, stopped once rank 0's step 2 reached it (so this test is the module's last: a
+    second server would cost ~10 s of start-up): the run trains all its steps, exports, and reports the
+    failed MLflow calls instead of raising."""
+    from pipelines.train.loop import train
+
+    server = mlflow_server
+    client = MlflowClient(server.uri)
+    stopped = threading.Event()
+
+    def stop_at_step_2() -> None:
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and server.process.poll() is None:
+            try:
+                (run,) = runs_named(client, "stop-test", "stopped") or [None]
+                if run and any(m["step"] >= 2 for m in client.metric_history(run["info"]["run_id"], "loss")):
+                    server.stop()
+                    stopped.set()
+                    return
+            except Exception:  # noqa: BLE001 - the run may not exist yet
+                pass
+            time.sleep(0.2)  # polling interval of the condition above
+
+    watcher = threading.Thread(target=stop_at_step_2, daemon=True)
+    watcher.start()
+    try:
+        cfg = tiny_config(tmp_path, shards, "stopped", f"tracking.uri={server.uri}", "tracking.experiment=stop-test",
+                          "phases=[{name: I-a, trainable: [projector], mode: global, forced_expert: 0, lr: 1.0e-3, "
+                          "steps: 8}]", "scaling.num_workers=1", "checkpoint.every_steps=8",
+                          "logging.tensorboard=false")
+        summary = train(cfg)
+    finally:
+        watcher.join(30)
+    assert stopped.is_set(), "the server was never stopped mid-run"
+    assert summary["metrics"]["global_step"] == 8 and storage.exists(f"{tmp_path}/export/EXPORT_COMPLETE")
+    assert summary["mlflow"]["failures"] >= 1  # counted and reported, not raised
+    rows = [json.loads(line) for line in open(summary["metrics_log"]) if "event" not in line]
+    assert [r["global_step"] for r in rows] == list(range(1, 9))
