@@ -95,7 +95,8 @@ def test_training_run_failed_and_rerun_is_one_mlflow_run(ray_session, shards, tm
     """Two phases x 3 steps; the first attempt dies at global step 4 (no Ray Train retries), the re-run of the
     same name resumes from phase I-a's end checkpoint (step 3) into the same MLflow run: params, a loss value
     for every global step 1..6 (step 4 twice: logged, lost with the attempt, retrained), the phase per step, per-phase
-    summaries, loss.png and the export's metadata on S3."""
+    summaries, loss.png and the export's metadata on S3; then ``evaluate`` on the export attaches its metrics,
+    per-task table and accuracy.png to that run."""
     from pipelines.train.loop import train
 
     marker = tmp_path / "fault-marker"
@@ -140,6 +141,24 @@ def test_training_run_failed_and_rerun_is_one_mlflow_run(ray_session, shards, tm
     assert [summaries[p]["steps"] for p in ("I-a", "II-local")] == [3, 3]
     assert json.loads(client.download_artifact(run, "export/metadata.json"))["phase"] == "II-local"
     assert storage.exists(f"s3://{artifact_bucket}/runs/{run['info']['experiment_id']}/{run_id}/artifacts/loss.png")
+
+    # `slime evaluate` on the export logs to the run that trained it (the export's mlflow_run.json)
+    from pipelines.evaluate import EvalConfig, EvalDataSection, evaluate
+
+    assert json.loads((tmp_path / "export" / "mlflow_run.json").read_text())["run_id"] == run_id
+    result = evaluate(EvalConfig(model=str(tmp_path / "export"), data=EvalDataSection(val=shards, limit=4),
+                                 max_tokens=2, engine="hf"))
+    assert result["mlflow"] == {"run_id": run_id, "experiment_id": run["info"]["experiment_id"], "failures": 0,
+                                "unsent": 0, "dropped": 0}
+    (accuracy,) = client.metric_history(run_id, "eval.accuracy")
+    assert (accuracy["step"], accuracy["value"]) == (6, result["accuracy"])  # at the model's global step
+    assert client.metric_history(run_id, "eval.num_samples")[0]["value"] == 4
+    tasks = [k for k in result["per_task"]]
+    assert client.metric_history(run_id, f"eval.{tasks[0]}.accuracy")
+    run = client.get_run(run_id)
+    assert {"eval/train/accuracy.png", "eval/train/metrics.json", "eval/train/per_task.csv"} <= set(
+        client.list_artifacts(run))
+    assert client.download_artifact(run, "eval/train/per_task.csv").decode().splitlines()[0].startswith("task,")
 
 
 @pytest.mark.integration

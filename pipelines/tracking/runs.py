@@ -20,7 +20,7 @@ class RunTracker:
     counted (``failures``), the first is printed once, the run goes on. Metrics are queued and sent by a
     background thread (``background=True``, rank 0) or on ``flush()``."""
 
-    def __init__(self, uri: str | None, run_id: str | None, *, background: bool = False, timeout: float = 10.0,
+    def __init__(self, uri: str | None, run_id: str | None, *, background: bool = False, timeout: float = 30.0,
                  max_queue: int = 100_000, label: str = "tracking") -> None:
         self.run_id, self.label, self.failures, self.dropped = run_id, label, 0, 0
         self.client = MlflowClient(uri, timeout) if uri and run_id else None
@@ -143,8 +143,8 @@ def open_run(uri: str, experiment: str, run_name: str, run_dir: str, *, params: 
         client.log_batch(run["info"]["run_id"], params={k: v for k, v in params.items() if k not in have},
                          tags={"slime.resumes": str(resumes + 1),
                                **({"slime.changed_on_resume": ",".join(changed)} if changed else {})})
-        return {"uri": uri, "experiment_id": run["info"]["experiment_id"], "run_id": run["info"]["run_id"],
-                "resumed": True}
+        return {"uri": uri, "store": store, "experiment_id": run["info"]["experiment_id"],
+                "run_id": run["info"]["run_id"], "resumed": True}
     exp = client.experiment_id(experiment)
     run = client.create_run(exp, run_name, tags)
     run_id = run["info"]["run_id"]
@@ -152,3 +152,37 @@ def open_run(uri: str, experiment: str, run_name: str, run_dir: str, *, params: 
     record = {"store": store, "experiment_id": exp, "run_id": run_id, "experiment": experiment}
     storage.write_bytes_atomic(record_uri, json.dumps(record, indent=1).encode())
     return {**record, "uri": uri, "resumed": False}
+
+
+def reach(record: dict, uri: str | None = None):
+    """(URI, server or None) to reach the store a run record names: ``uri`` when given, the record's server,
+    or (an embedded store) a server this process starts on it; the caller stops the server."""
+    store = record.get("store", "")
+    if uri or not store.startswith("embedded:"):
+        return uri or record.get("uri") or store, None
+    from pipelines.tracking.server import embedded_store, start_server
+
+    server = start_server(*embedded_store(store[len("embedded:"):]))
+    return server.uri, server
+
+
+def log_evaluation(record: dict, *, metrics: dict[str, float], tags: dict[str, str], files: dict[str, bytes],
+                   step: int, uri: str | None = None, label: str = "evaluate") -> dict:
+    """Attach an evaluation to the training run ``record`` names (a model's ``mlflow_run.json``): metrics at
+    ``step`` (the model's global step), tags and artifacts. Never raises; returns the run and the counts."""
+    server = None
+    try:
+        uri, server = reach(record, uri)
+        tracker = RunTracker(uri, record["run_id"], label=label)
+        tracker.log_metrics(metrics, step=step)
+        tracker.set_tags(tags)
+        for path, data in files.items():
+            tracker.log_artifact(path, data)
+        counts = tracker.close()
+    except Exception as e:  # noqa: BLE001 - an evaluation's result stands without its MLflow copy
+        print(f"[{label}] MLflow logging failed: {e}", file=sys.stderr, flush=True)
+        counts = {"failures": 1}
+    finally:
+        if server is not None:
+            server.stop()
+    return {"run_id": record.get("run_id"), "experiment_id": record.get("experiment_id"), **counts}

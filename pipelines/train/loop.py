@@ -198,7 +198,7 @@ def _fit(cfg: TrainConfig, init_dir: str, phases: list[PhaseConfig], dcfgs: dict
     if cfg.export_dir:
         final = json.loads(storage.read_bytes(storage.join(checkpoint_uri, "train_state.json")))
         export_model(final.get("model") or storage.join(checkpoint_uri, "model"), cfg.export_dir,
-                     extra={"training_data.json": json.dumps(data, indent=1).encode()})
+                     extra={"training_data.json": json.dumps(data, indent=1).encode(), **tracking.export_files()})
     mlflow = tracking.finish(cfg, status="FINISHED", log_uri=log_uri, plot=plot)
     return {"name": cfg.name, "checkpoint": checkpoint_uri, "export_dir": cfg.export_dir, "phase_steps": plan,
             "phases": [p.name for p in phases], "metrics": result.metrics, "metrics_log": log_uri,

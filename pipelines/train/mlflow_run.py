@@ -111,6 +111,15 @@ class TrainTracking:
     def worker_config(self) -> dict | None:
         return {"uri": self.run["uri"], "run_id": self.run["run_id"]} if self.run else None
 
+    def export_files(self) -> dict[str, bytes]:
+        """``mlflow_run.json`` for the exported model: ``slime evaluate`` logs to the run that trained it."""
+        if not self.run:
+            return {}
+        record = {k: self.run[k] for k in ("store", "experiment_id", "run_id")}
+        if not self.store:
+            record["uri"] = self.run["uri"]
+        return {"mlflow_run.json": json.dumps(record, indent=1).encode()}
+
     def finish(self, cfg, *, status: str, log_uri: str | None = None, plot: str | None = None) -> dict | None:
         """Phase summaries, artifacts, status; returns what the summary reports (None when off)."""
         if not self.run:
