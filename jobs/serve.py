@@ -2,6 +2,7 @@
 
     python -m jobs.serve --config jobs/configs/serve_tiny.yaml --model /tmp/slime/tiny_model [mode=global ...]
     python -m jobs.serve --model s3://bucket/models/v3 --address auto      # on a running cluster
+    MLFLOW_TRACKING_URI=http://127.0.0.1:5000 python -m jobs.serve --model models:/slime@champion   # MLflow registry
 
 For `serve run` / `serve deploy` use cluster/serve_config.yaml (same builder, same arguments).
 """
@@ -12,7 +13,7 @@ import argparse
 import sys
 import time
 
-from jobs.common import require_model_dir, run_job
+from jobs.common import JobError, require_model_dir, run_job
 from pipelines.serve.app import ServeArgs, build_app
 from slime.config import load_config
 
@@ -20,7 +21,10 @@ from slime.config import load_config
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="slime serve", description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="YAML file (see jobs/configs/serve_tiny.yaml)")
-    parser.add_argument("--model", help="checkpoint directory or s3:// URI (overrides the config's model)")
+    parser.add_argument("--model", help="checkpoint directory, s3:// URI, or models:/NAME@ALIAS | models:/NAME/VERSION "
+                        "of the MLflow Model Registry (overrides the config's model)")
+    parser.add_argument("--tracking-uri", default=None, help="MLflow server for models:/ URIs (default: "
+                        "$MLFLOW_TRACKING_URI)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
     parser.add_argument("--name", default="slime", help="Serve application name (same name = rolling update)")
@@ -36,7 +40,25 @@ def main(argv: list[str] | None = None) -> int:
     return run_job("serve", lambda: _serve(cfg, args))
 
 
+def resolve_model(cfg: ServeArgs, tracking_uri: str | None) -> ServeArgs:
+    """A ``models:/`` model becomes the directory its MLflow model version points at (said once)."""
+    import dataclasses
+
+    from pipelines.tracking.client import MlflowError
+    from pipelines.tracking.models import resolve_model_uri
+
+    try:
+        directory, mv = resolve_model_uri(cfg.model, tracking_uri)
+    except (ValueError, MlflowError) as e:
+        raise JobError(f"model {cfg.model}: {e}") from e
+    if mv is None:
+        return cfg
+    print(f"{cfg.model} -> version {mv['version']} -> {directory}", flush=True)
+    return dataclasses.replace(cfg, model=directory)
+
+
 def _serve(cfg: ServeArgs, args: argparse.Namespace) -> None:
+    cfg = resolve_model(cfg, args.tracking_uri)
     # A missing model would otherwise surface only as "Deploying application slime failed", with the
     # cause in a replica's log: check it before Serve deploys anything.
     require_model_dir(cfg.model, "model", getattr(cfg, "storage", None))

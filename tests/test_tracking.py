@@ -161,6 +161,48 @@ def test_training_run_failed_and_rerun_is_one_mlflow_run(ray_session, shards, tm
     assert client.download_artifact(run, "eval/train/per_task.csv").decode().splitlines()[0].startswith("task,")
 
 
+def test_model_registry_aliases_and_models_uris(mlflow_server, artifact_bucket, tmp_path):
+    """Versions in MLflow's Model Registry: one from a tracked run (source runs:/<run>/export), one from an
+    s3:// directory; promotion moves ``champion`` and records the version it replaced, rollback moves it back;
+    ``models:/NAME@champion`` and ``models:/NAME/1`` resolve to the model directories, as ``slime serve
+    --model`` does; a bad alias is one clear error."""
+    from jobs.common import JobError
+    from jobs.serve import resolve_model
+    from pipelines.serve.ingress import ServeArgs
+    from pipelines.tracking.models import ModelRegistry, resolve_model_uri
+
+    client = MlflowClient(mlflow_server.uri)
+    first = tmp_path / "models" / "v1"
+    first.mkdir(parents=True)
+    run = open_run(mlflow_server.uri, "registry", "r1", str(tmp_path / "runs" / "r1"), params={}, tags={})
+    (first / "mlflow_run.json").write_text(json.dumps({"run_id": run["run_id"]}))
+    second = f"s3://{artifact_bucket}/models/v2"
+    registry = ModelRegistry(mlflow_server.uri, "slime-test")
+    v1 = registry.register(str(first), {"eval.accuracy": "0.5", "lineage.parent_version": ""})
+    v2 = registry.register(second, {"eval.accuracy": "0.75", "lineage.parent_version": v1})
+    assert (v1, v2) == ("1", "2")
+    assert registry.get(v1)["source"] == f"runs:/{run['run_id']}/export" and registry.get(v1)["run_id"] == run["run_id"]
+    assert registry.get(v2)["source"] == second and registry.get(v2)["tags"]["lineage.parent_version"] == "1"
+    assert registry.alias("champion") is None
+
+    assert registry.promote(v1, "first model") == {"version": "1", "previous": None}
+    assert registry.promote(v2, "gate passed: 0.75 >= 0.5") == {"version": "2", "previous": "1"}
+    assert resolve_model_uri("models:/slime-test@champion", mlflow_server.uri)[0] == second
+    assert resolve_model_uri("models:/slime-test/1", mlflow_server.uri)[0] == str(first)
+    assert resolve_model_uri(str(first)) == (str(first), None)  # a directory stays a directory
+    served = resolve_model(ServeArgs(model="models:/slime-test@champion"), mlflow_server.uri)
+    assert served.model == second
+
+    assert registry.rollback("bad answers in production") == {"version": "1", "previous": "2"}
+    assert resolve_model_uri("models:/slime-test@champion", mlflow_server.uri)[0] == str(first)
+    assert registry.get(v2)["tags"]["slime.verdict"] == "rolled_back"
+    assert [v["version"] for v in registry.versions()] == ["1", "2"]
+    aliases = client.call("GET", "registered-models/get", params={"name": "slime-test"})["registered_model"]["aliases"]
+    assert aliases == [{"alias": "champion", "version": "1"}]
+    with pytest.raises(JobError, match="points at no version"):
+        resolve_model(ServeArgs(model="models:/slime-test@nobody"), mlflow_server.uri)
+
+
 @pytest.mark.integration
 def test_server_stopped_mid_run_does_not_fail_the_run(ray_session, shards, tmp_path, mlflow_server):  # noqa: F811
     """The module's server, stopped once rank 0's step 2 reached it (so this test is the module's last: a

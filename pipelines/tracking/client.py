@@ -35,7 +35,7 @@ def mlflow_bin() -> str:
 class MlflowClient:
     """The MLflow REST API 2.0 calls slime uses (tracking; artifacts through the server's proxy)."""
 
-    def __init__(self, uri: str, timeout: float = 10.0) -> None:
+    def __init__(self, uri: str, timeout: float = 30.0) -> None:
         if not uri.startswith(("http://", "https://")):
             raise ValueError(f"tracking uri {uri!r}: give http(s)://host:port of an MLflow server")
         self.uri, self.timeout = uri.rstrip("/"), timeout
