@@ -203,6 +203,46 @@ def test_model_registry_aliases_and_models_uris(mlflow_server, artifact_bucket, 
         resolve_model(ServeArgs(model="models:/slime-test@nobody"), mlflow_server.uri)
 
 
+def test_scheduled_ticks_register_and_promote_by_alias_only_when_the_gate_passes(mlflow_server, tmp_path):
+    """The scheduler's gated promotion with the MLflow mirror on (tests/test_scheduler.py's FileRunner does
+    the retrain/evaluate/rollout steps): tick 1 registers and promotes version 1 (``champion`` -> 1), tick 2
+    a better model (-> 2), tick 3 a worse one: registered, tagged rejected, ``champion`` stays on 2. The
+    rolled-out model is the one ``models:/NAME@champion`` resolves to; each tick is a run with its decision."""
+    from pipelines.lifecycle.mlflow_mirror import MlflowSection
+    from pipelines.lifecycle.scheduler import ScheduleConfig, Scheduler
+    from pipelines.tracking.models import ModelRegistry, resolve_model_uri
+    from tests.test_scheduler import Clock, FileRunner, write_manifest
+
+    cfg = ScheduleConfig(registry=str(tmp_path / "registry"), manifest=str(tmp_path / "data"),
+                         val=str(tmp_path / "val"), work_dir=str(tmp_path / "work"), tolerance=0.05,
+                         mlflow=MlflowSection(uri=mlflow_server.uri, model_name="scheduled", experiment="ticks"))
+    clock, runner = Clock(), FileRunner(cfg.work_dir, quality=0.5)
+    champion = lambda: resolve_model_uri("models:/scheduled@champion", mlflow_server.uri)  # noqa: E731
+    records = []
+    for shards, quality in ((2, 0.5), (4, 0.7), (6, 0.3)):
+        write_manifest(cfg.manifest, shards, version=shards // 2)
+        runner.quality = quality
+        records.append(Scheduler(cfg, runner, now=clock).tick())
+        clock.advance(86400)
+        assert "error" not in records[-1]["mlflow"], records[-1]["mlflow"]
+        directory, mv = champion()
+        assert runner.served == directory  # what was rolled out is what the alias names
+    assert [r["decision"] for r in records] == ["promoted", "promoted", "rejected"]
+    assert records[2]["mlflow"]["versions"] == {records[i]["version"]: str(i + 1) for i in range(3)}
+    assert [r["mlflow"]["champion"] for r in records] == ["1", "2", "2"]
+    models = ModelRegistry(mlflow_server.uri, "scheduled")
+    v2, v3 = models.get("2"), models.get("3")
+    assert v2["tags"]["slime.previous_champion"] == "1" and v2["tags"]["eval.accuracy"] == "0.7"
+    assert v2["tags"]["lineage.parent_version"] == records[0]["version"]
+    assert len(json.loads(v2["tags"]["lineage.shards"])) == 4 and v2["tags"]["lineage.run_name"] == records[1]["run_name"]
+    assert v3["tags"]["slime.verdict"] == "rejected" and "not promoted" in v3["tags"]["slime.reason"]
+    assert v3["source"] == f"runs:/{records[2]['mlflow']['run_id']}/export"  # linked to its tick's run
+    client = MlflowClient(mlflow_server.uri)
+    ticks = client.search_runs(client.experiment_id("ticks"))
+    decisions = [{x["key"]: x["value"] for x in t["data"]["tags"]}["slime.decision"] for t in ticks]
+    assert sorted(decisions) == ["promoted", "promoted", "rejected"]
+
+
 @pytest.mark.integration
 def test_server_stopped_mid_run_does_not_fail_the_run(ray_session, shards, tmp_path, mlflow_server):  # noqa: F811
     """The module's server, stopped once rank 0's step 2 reached it (so this test is the module's last: a
