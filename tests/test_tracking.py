@@ -219,8 +219,8 @@ def test_scheduled_ticks_register_and_promote_by_alias_only_when_the_gate_passes
     clock, runner = Clock(), FileRunner(cfg.work_dir, quality=0.5)
     champion = lambda: resolve_model_uri("models:/scheduled@champion", mlflow_server.uri)  # noqa: E731
     records = []
-    for shards, quality in ((2, 0.5), (4, 0.7), (6, 0.3)):
-        write_manifest(cfg.manifest, shards, version=shards // 2)
+    for count, quality in ((2, 0.5), (4, 0.7), (6, 0.3)):
+        write_manifest(cfg.manifest, count, version=count // 2)
         runner.quality = quality
         records.append(Scheduler(cfg, runner, now=clock).tick())
         clock.advance(86400)
