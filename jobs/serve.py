@@ -27,6 +27,9 @@ def main(argv: list[str] | None = None) -> int:
                         "$MLFLOW_TRACKING_URI)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--follow", type=float, default=None, metavar="SECONDS",
+                        help="with --model models:/NAME@ALIAS: poll the alias every SECONDS and roll the app to the "
+                        "version it names when it moves (promotion, rollback, or by hand in the MLflow UI)")
     parser.add_argument("--name", default="slime", help="Serve application name (same name = rolling update)")
     parser.add_argument("--address", default=None, help="Ray cluster address; default: start an embedded Ray")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. autoscaling.max_replicas=2")
@@ -40,8 +43,9 @@ def main(argv: list[str] | None = None) -> int:
     return run_job("serve", lambda: _serve(cfg, args))
 
 
-def resolve_model(cfg: ServeArgs, tracking_uri: str | None) -> ServeArgs:
-    """A ``models:/`` model becomes the directory its MLflow model version points at (said once)."""
+def resolve_model(cfg: ServeArgs, tracking_uri: str | None) -> tuple[ServeArgs, str | None]:
+    """A ``models:/`` model becomes the directory its MLflow model version points at (said once); returns the
+    config and that version (None for a plain directory)."""
     import dataclasses
 
     from pipelines.tracking.client import MlflowError
@@ -52,13 +56,15 @@ def resolve_model(cfg: ServeArgs, tracking_uri: str | None) -> ServeArgs:
     except (ValueError, MlflowError) as e:
         raise JobError(f"model {cfg.model}: {e}") from e
     if mv is None:
-        return cfg
+        return cfg, None
     print(f"{cfg.model} -> version {mv['version']} -> {directory}", flush=True)
-    return dataclasses.replace(cfg, model=directory)
+    return dataclasses.replace(cfg, model=directory), mv["version"]
 
 
 def _serve(cfg: ServeArgs, args: argparse.Namespace) -> None:
-    cfg = resolve_model(cfg, args.tracking_uri)
+    if args.follow and not (args.model or "").startswith("models:/"):
+        raise JobError("--follow needs --model models:/NAME@ALIAS")
+    cfg, version = resolve_model(cfg, args.tracking_uri)
     # A missing model would otherwise surface only as "Deploying application slime failed", with the
     # cause in a replica's log: check it before Serve deploys anything.
     require_model_dir(cfg.model, "model", getattr(cfg, "storage", None))
@@ -81,9 +87,19 @@ def _serve(cfg: ServeArgs, args: argparse.Namespace) -> None:
     print(f"Ray logs (Serve controller, proxy, replicas): {ray_log_dir()}", flush=True)
     serve.run(build_app(cfg), name=args.name, route_prefix="/", blocking=False)
     print(f"serving {cfg.model} on {cfg.engine} at http://{args.host}:{args.port}/v1 (Ctrl-C to stop)", flush=True)
+    watch = None
+    if args.follow:
+        from pipelines.tracking.models import AliasWatch
+
+        watch = AliasWatch(args.model, args.tracking_uri, current=version)
     try:
         while True:
-            time.sleep(1)
+            time.sleep(args.follow or 1)
+            moved = watch.changed() if watch else None
+            if moved:  # same app name + new model -> Serve replaces the replicas (a rolling update)
+                cfg = dataclasses.replace(cfg, model=moved[0])
+                print(f"{args.model} moved to version {moved[1]['version']}: rolling to {moved[0]}", flush=True)
+                serve.run(build_app(cfg), name=args.name, route_prefix="/", blocking=False)
     except KeyboardInterrupt:
         serve.delete(args.name)
 

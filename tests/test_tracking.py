@@ -165,11 +165,12 @@ def test_model_registry_aliases_and_models_uris(mlflow_server, artifact_bucket, 
     """Versions in MLflow's Model Registry: one from a tracked run (source runs:/<run>/export), one from an
     s3:// directory; promotion moves ``champion`` and records the version it replaced, rollback moves it back;
     ``models:/NAME@champion`` and ``models:/NAME/1`` resolve to the model directories, as ``slime serve
-    --model`` does; a bad alias is one clear error."""
+    --model`` does; the alias watch behind ``slime serve --follow`` sees a move by hand; a bad alias is one
+    clear error."""
     from jobs.common import JobError
     from jobs.serve import resolve_model
     from pipelines.serve.ingress import ServeArgs
-    from pipelines.tracking.models import ModelRegistry, resolve_model_uri
+    from pipelines.tracking.models import AliasWatch, ModelRegistry, resolve_model_uri
 
     client = MlflowClient(mlflow_server.uri)
     first = tmp_path / "models" / "v1"
@@ -190,8 +191,15 @@ def test_model_registry_aliases_and_models_uris(mlflow_server, artifact_bucket, 
     assert resolve_model_uri("models:/slime-test@champion", mlflow_server.uri)[0] == second
     assert resolve_model_uri("models:/slime-test/1", mlflow_server.uri)[0] == str(first)
     assert resolve_model_uri(str(first)) == (str(first), None)  # a directory stays a directory
-    served = resolve_model(ServeArgs(model="models:/slime-test@champion"), mlflow_server.uri)
-    assert served.model == second
+    served, version = resolve_model(ServeArgs(model="models:/slime-test@champion"), mlflow_server.uri)
+    assert (served.model, version) == (second, "2")
+    watch = AliasWatch("models:/slime-test@champion", mlflow_server.uri, current=version)  # slime serve --follow
+    assert watch.changed() is None
+    registry.set_alias("champion", v1)  # moved by hand (as in the UI)
+    assert watch.changed()[0] == str(first) and watch.version == "1"
+    assert watch.changed() is None
+    registry.set_alias("champion", v2)
+    assert watch.changed()[0] == second
 
     assert registry.rollback("bad answers in production") == {"version": "1", "previous": "2"}
     assert resolve_model_uri("models:/slime-test@champion", mlflow_server.uri)[0] == str(first)

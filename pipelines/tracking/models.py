@@ -136,3 +136,31 @@ def resolve_model_uri(uri: str, tracking: str | None = None) -> tuple[str, dict 
     else:
         mv = registry.get(m["version"])
     return model_dir(mv), mv
+
+
+class AliasWatch:
+    """Follows ``models:/NAME@ALIAS``: ``changed()`` returns (model directory, model version) when the alias
+    moved since the last call (moved by a promotion, a rollback, or by hand in the UI / a client), else None.
+
+    Polling, not MLflow webhooks: it works against any MLflow server (webhooks need 3.3+, a receiver the server
+    can reach and a secret), and the process that polls is the one that owns the Serve app it rolls. A poll
+    that fails (server down) is counted and changes nothing: the endpoint keeps serving what it serves."""
+
+    def __init__(self, uri: str, tracking: str | None = None, current: str | None = None) -> None:
+        m = MODELS_RE.match(uri)
+        if m is None or not m["alias"]:
+            raise ValueError(f"{uri}: follow needs models:/NAME@ALIAS")
+        self.uri, self.alias = uri, m["alias"]
+        self.registry = ModelRegistry(tracking, m["name"])
+        self.version, self.failures = current, 0
+
+    def changed(self) -> tuple[str, dict] | None:
+        try:
+            mv = self.registry.alias(self.alias)
+        except MlflowError:
+            self.failures += 1
+            return None
+        if mv is None or mv["version"] == self.version:
+            return None
+        self.version = mv["version"]
+        return model_dir(mv), mv
