@@ -251,6 +251,42 @@ def test_scheduled_ticks_register_and_promote_by_alias_only_when_the_gate_passes
     assert sorted(decisions) == ["promoted", "promoted", "rejected"]
 
 
+def test_embedded_store_default_and_resume(shards, tmp_path):  # noqa: F811
+    """No tracking.uri: the driver's side starts ``mlflow server`` on SQLite + artifacts in
+    <parent of storage_path>/mlflow, records the run with the store's identity (not the server's port), so a
+    later session on the same run directory reopens the run through a server at another address; the UI
+    command names that store; the server is stopped with the session."""
+    from pipelines.train.config import expand_phases
+    from pipelines.train.mlflow_run import TrainTracking
+
+    cfg = tiny_config(tmp_path, shards, "embedded", TWO_PHASES, "tracking.enabled=true")
+    phases = expand_phases(cfg)
+    log = tmp_path / "metrics.jsonl"
+    log.write_text("".join(json.dumps({"phase": p.name, "phase_index": i, "global_step": 3 * i + s, "loss": 1.0 / s,
+                                       "samples_per_s": 2.0, "tokens_per_s": 9.0}) + "\n"
+                           for i, p in enumerate(phases) for s in (1, 2, 3)))
+    session = TrainTracking.open(cfg, phases, [3, 3])
+    try:
+        assert session.store == str(tmp_path / "mlflow") and session.run, "tracking did not start"
+        done = session.finish(cfg, status="FINISHED", log_uri=str(log))
+        client = MlflowClient(session.run["uri"])
+        run = client.get_run(done["run_id"])
+        assert run["info"]["status"] == "FINISHED" and "phase_summary.json" in client.list_artifacts(run)
+        assert client.metric_history(done["run_id"], "summary.II-local.loss_last")[0]["step"] == 6
+        record = json.loads((tmp_path / "runs" / "embedded" / "mlflow_run.json").read_text())
+        assert record["store"] == f"embedded:{tmp_path}/mlflow" and "uri" not in record
+        other_address = session.run["uri"].replace("127.0.0.1", "localhost")  # as a new server's port would be
+        again = open_run(other_address, "slime", "embedded", str(tmp_path / "runs" / "embedded"), params={},
+                         tags={}, store=record["store"])
+        assert again["run_id"] == done["run_id"] and again["resumed"]
+    finally:
+        session.close_server()
+    assert session.server is None
+    assert not done["resumed"] and done["failures"] == 0
+    assert (tmp_path / "mlflow" / "mlflow.db").is_file() and (tmp_path / "mlflow" / "artifacts").is_dir()
+    assert f"sqlite:///{tmp_path}/mlflow/mlflow.db" in done["ui"]
+
+
 @pytest.mark.integration
 def test_server_stopped_mid_run_does_not_fail_the_run(ray_session, shards, tmp_path, mlflow_server):  # noqa: F811
     """The module's server, stopped once rank 0's step 2 reached it (so this test is the module's last: a

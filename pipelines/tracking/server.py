@@ -73,7 +73,13 @@ def start_server(backend_store_uri: str, artifacts_destination: str, *, port: in
             raise RuntimeError(f"mlflow server exited with {proc.returncode}; its log: {log_path}")
         try:
             if requests.get(f"{server.uri}/health", timeout=2).status_code == 200:
-                return server
+                # /health answers before the tracking store exists: the first API call creates it (SQLite
+                # schema migrations, ~10-40 s on a loaded 2-core box). Ready = that call answered.
+                left = max(5.0, deadline - time.monotonic())
+                r = requests.get(f"{server.uri}/api/2.0/mlflow/experiments/get-by-name",
+                                 params={"experiment_name": "Default"}, timeout=left)
+                if r.status_code < 500:
+                    return server
         except requests.RequestException:
             pass
         time.sleep(0.2)
