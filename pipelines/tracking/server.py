@@ -61,6 +61,8 @@ def start_server(backend_store_uri: str, artifacts_destination: str, *, port: in
     if full_env.get("AWS_ENDPOINT_URL"):  # MLflow's S3 artifact store reads its own variable
         full_env.setdefault("MLFLOW_S3_ENDPOINT_URL", full_env["AWS_ENDPOINT_URL"])
     full_env.pop("PYTHONPATH", None)  # the server's venv, not ours
+    # No job-runner process (MLflow's GenAI background jobs, unused here): one Python importing mlflow fewer.
+    full_env.setdefault("MLFLOW_SERVER_ENABLE_JOB_EXECUTION", "false")
     with open(log_path, "ab") as log:
         proc = subprocess.Popen([binary, "server", "--backend-store-uri", backend_store_uri,
                                  "--artifacts-destination", artifacts_destination, "--host", "127.0.0.1",
