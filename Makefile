@@ -5,7 +5,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup harness demo test bench clean
+.PHONY: setup harness mlflow demo test bench clean
 
 # pip's own output (hundreds of lines of resolver notes and index warnings) goes to $(LOG), not the
 # console; a failing step prints the end of that log and where the rest is.
@@ -53,15 +53,31 @@ $(HARNESS)/.installed: requirements-lmms.txt constraints.txt
 
 harness: $(HARNESS)/.installed
 
+# The MLflow tracking server + UI in its own environment: mlflow 3.x pins pyarrow<26 and cachetools<8, ours are
+# newer. slime logs to it over MLflow's REST API (pipelines/tracking/), so the main venv needs no mlflow.
+MLFLOW_VENV ?= .venv-mlflow
+MLOG := $(MLFLOW_VENV)/setup.log
+MQUIET = >>$(MLOG) 2>&1 || { tail -n 40 $(MLOG); echo "mlflow set-up failed; full pip log: $(MLOG)"; exit 1; }
+
+$(MLFLOW_VENV)/.installed: requirements-mlflow.txt
+	@echo "building the MLflow server environment $(MLFLOW_VENV) (pip log: $(MLOG); about 1 minute)"
+	@rm -rf $(MLFLOW_VENV) && $(PY) -m venv $(MLFLOW_VENV) && : > $(MLOG)
+	@$(MLFLOW_VENV)/bin/pip install -q --upgrade pip $(MQUIET)
+	@$(MLFLOW_VENV)/bin/pip install -q --no-deps -r requirements-mlflow.txt $(MQUIET)
+	@$(MLFLOW_VENV)/bin/mlflow --version
+	@touch $@
+
+mlflow: $(MLFLOW_VENV)/.installed
+
 # The venv's bin first on PATH: Ray job entrypoints (`python -m jobs.X`) must find this interpreter.
-demo: setup
+demo: setup mlflow
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/slime demo
 
-test: setup harness
+test: setup harness mlflow
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q
 
 bench: setup
 	for b in benchmarks/*.py; do $(BIN)/python $$b || exit 1; done
 
 clean:
-	rm -rf $(VENV) $(HARNESS) demo_out
+	rm -rf $(VENV) $(HARNESS) $(MLFLOW_VENV) demo_out

@@ -2,6 +2,7 @@
 
     python -m jobs.serve --config jobs/configs/serve_tiny.yaml --model /tmp/slime/tiny_model [mode=global ...]
     python -m jobs.serve --model s3://bucket/models/v3 --address auto      # on a running cluster
+    MLFLOW_TRACKING_URI=http://127.0.0.1:5000 python -m jobs.serve --model models:/slime@champion   # MLflow registry
 
 For `serve run` / `serve deploy` use cluster/serve_config.yaml (same builder, same arguments).
 """
@@ -12,7 +13,7 @@ import argparse
 import sys
 import time
 
-from jobs.common import require_model_dir, run_job
+from jobs.common import JobError, require_model_dir, run_job
 from pipelines.serve.app import ServeArgs, build_app
 from slime.config import load_config
 
@@ -20,9 +21,15 @@ from slime.config import load_config
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="slime serve", description=__doc__.splitlines()[0])
     parser.add_argument("--config", help="YAML file (see jobs/configs/serve_tiny.yaml)")
-    parser.add_argument("--model", help="checkpoint directory or s3:// URI (overrides the config's model)")
+    parser.add_argument("--model", help="checkpoint directory, s3:// URI, or models:/NAME@ALIAS | models:/NAME/VERSION "
+                        "of the MLflow Model Registry (overrides the config's model)")
+    parser.add_argument("--tracking-uri", default=None, help="MLflow server for models:/ URIs (default: "
+                        "$MLFLOW_TRACKING_URI)")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8000)
+    parser.add_argument("--follow", type=float, default=None, metavar="SECONDS",
+                        help="with --model models:/NAME@ALIAS: poll the alias every SECONDS and roll the app to the "
+                        "version it names when it moves (promotion, rollback, or by hand in the MLflow UI)")
     parser.add_argument("--name", default="slime", help="Serve application name (same name = rolling update)")
     parser.add_argument("--address", default=None, help="Ray cluster address; default: start an embedded Ray")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, e.g. autoscaling.max_replicas=2")
@@ -36,7 +43,28 @@ def main(argv: list[str] | None = None) -> int:
     return run_job("serve", lambda: _serve(cfg, args))
 
 
+def resolve_model(cfg: ServeArgs, tracking_uri: str | None) -> tuple[ServeArgs, str | None]:
+    """A ``models:/`` model becomes the directory its MLflow model version points at (said once); returns the
+    config and that version (None for a plain directory)."""
+    import dataclasses
+
+    from pipelines.tracking.client import MlflowError
+    from pipelines.tracking.models import resolve_model_uri
+
+    try:
+        directory, mv = resolve_model_uri(cfg.model, tracking_uri)
+    except (ValueError, MlflowError) as e:
+        raise JobError(f"model {cfg.model}: {e}") from e
+    if mv is None:
+        return cfg, None
+    print(f"{cfg.model} -> version {mv['version']} -> {directory}", flush=True)
+    return dataclasses.replace(cfg, model=directory), mv["version"]
+
+
 def _serve(cfg: ServeArgs, args: argparse.Namespace) -> None:
+    if args.follow and not (args.model or "").startswith("models:/"):
+        raise JobError("--follow needs --model models:/NAME@ALIAS")
+    cfg, version = resolve_model(cfg, args.tracking_uri)
     # A missing model would otherwise surface only as "Deploying application slime failed", with the
     # cause in a replica's log: check it before Serve deploys anything.
     require_model_dir(cfg.model, "model", getattr(cfg, "storage", None))
@@ -59,9 +87,19 @@ def _serve(cfg: ServeArgs, args: argparse.Namespace) -> None:
     print(f"Ray logs (Serve controller, proxy, replicas): {ray_log_dir()}", flush=True)
     serve.run(build_app(cfg), name=args.name, route_prefix="/", blocking=False)
     print(f"serving {cfg.model} on {cfg.engine} at http://{args.host}:{args.port}/v1 (Ctrl-C to stop)", flush=True)
+    watch = None
+    if args.follow:
+        from pipelines.tracking.models import AliasWatch
+
+        watch = AliasWatch(args.model, args.tracking_uri, current=version)
     try:
         while True:
-            time.sleep(1)
+            time.sleep(args.follow or 1)
+            moved = watch.changed() if watch else None
+            if moved:  # same app name + new model -> Serve replaces the replicas (a rolling update)
+                cfg = dataclasses.replace(cfg, model=moved[0])
+                print(f"{args.model} moved to version {moved[1]['version']}: rolling to {moved[0]}", flush=True)
+                serve.run(build_app(cfg), name=args.name, route_prefix="/", blocking=False)
     except KeyboardInterrupt:
         serve.delete(args.name)
 

@@ -6,7 +6,7 @@
     lifecycle/  registry, scheduled retraining, Ray Jobs client and the in-process runner
 
 Shared by the stages, at the top: ``storage`` (local or s3://), ``console`` and ``plots`` (what a person
-sees), ``answers`` (how an answer is scored; standard library only); ``evaluate`` (held-out shards on the
+sees), ``tracking`` (MLflow runs over MLflow's REST API), ``answers`` (how an answer is scored; standard library only); ``evaluate`` (held-out shards on the
 serving engine), ``harness`` (lmms-eval, in its own environment, against a served model) and ``demo``
 (every stage end to end).
 Imports flow ``jobs -> pipelines -> slime``; which stage may import which is in each ``__init__`` and

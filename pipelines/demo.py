@@ -131,6 +131,8 @@ def run_demo(cfg: DemoConfig) -> dict:
         result = train(train_cfg)
         timings["train_s"] = time.perf_counter() - t
         say(f"model -> {result['export_dir']}\nloss plot -> {result['loss_plot']}")
+        if result.get("mlflow"):  # pipelines/tracking: the embedded store under the work dir (work/mlflow)
+            say(f"MLflow run {result['mlflow']['run_id']} -> {result['mlflow']['store'] or result['mlflow']['uri']}")
 
         t = _step("4/6 evaluate on the held-out split")
         metrics = evaluate(EvalConfig(model=str(models / "candidate"), data=EvalDataSection(val=str(wds / "val")),
@@ -185,5 +187,10 @@ def run_demo(cfg: DemoConfig) -> dict:
                "ray_logs": ray_logs, "model": production.model_uri,
                "registry": str(work / "registry"), "shards": str(wds), "runs": str(work / "runs"),
                "timings_s": {k: round(v, 1) for k, v in timings.items()}}
+    ui = (result.get("mlflow") or {}).get("ui")
+    if ui:
+        summary["mlflow_ui"] = ui
     say("\n== done\n" + json.dumps(summary, indent=2, default=str))
+    if ui:
+        say(f"\nOpen this demo's run (params, per-step metrics, loss.png, evaluation) in the MLflow UI:\n  {ui}")
     return summary

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import collections
 import json
+import re
 import sys
 import time
 from dataclasses import dataclass, field
@@ -49,6 +50,16 @@ class EvalDataSection:
     val: str  # manifest.json URI, packed dataset dir, or a tar (local or s3://)
     only_versions: tuple[int, ...] | None = None
     limit: int | None = None  # first N records only (smoke runs)
+
+
+@dataclass(frozen=True, kw_only=True)
+class EvalTrackingSection:
+    """Where the result is logged in MLflow: the training run the model's ``mlflow_run.json`` names (written
+    by ``slime train`` into its export), or ``run_id`` on the server at ``uri``."""
+
+    enabled: bool = True
+    uri: str | None = None  # http(s)://host:port; None = the server (or embedded store) the record names
+    run_id: str | None = None  # None = from <model>/mlflow_run.json
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -76,6 +87,7 @@ class EvalConfig:
     dtype: str | None = None
     preserve_order: bool = True
     storage: StorageConfig = field(default_factory=StorageConfig)
+    tracking: EvalTrackingSection = field(default_factory=EvalTrackingSection)
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or self.num_actors < 1:
@@ -246,7 +258,41 @@ def evaluate(cfg: EvalConfig) -> dict:
     storage.write_bytes_atomic(plot, plot_accuracy(metrics, title=cfg.model.rstrip("/").rsplit("/", 1)[-1]),
                                cfg.storage)
     metrics["output"], metrics["plot"] = output, plot
+    metrics["mlflow"] = log_to_mlflow(cfg, metrics, rows)
     return metrics
+
+
+def log_to_mlflow(cfg: EvalConfig, metrics: dict, rows: list[dict]) -> dict | None:
+    """The result on the training run that made the model (pipelines.tracking.runs.log_evaluation): metrics
+    ``eval.<what>`` and ``eval.<task>.accuracy`` at the model's global step, the per-task table, metrics.json,
+    accuracy.png and predictions under ``eval/<label>/``. None when there is no run to log to."""
+    from pipelines.tracking.runs import RUN_FILE, log_evaluation
+
+    t = cfg.tracking
+    record_uri = storage.join(cfg.model.rstrip("/"), RUN_FILE)
+    if not t.enabled or not (t.run_id or storage.exists(record_uri, cfg.storage)):
+        return None
+    record = {"run_id": t.run_id} if t.run_id else json.loads(storage.read_bytes(record_uri, cfg.storage))
+    meta_uri = storage.join(cfg.model.rstrip("/"), "metadata.json")
+    meta = json.loads(storage.read_bytes(meta_uri, cfg.storage)) if storage.exists(meta_uri, cfg.storage) else {}
+    label = re.sub(r"[^A-Za-z0-9_\-.]", "_", cfg.data.val.rstrip("/").rsplit("/", 1)[-1]) or "val"
+    values = {f"eval.{k}": metrics[k] for k in ("accuracy", "exact_match", "errors", "num_samples",
+                                                 "samples_per_s", "visual_tokens_per_sample") if k in metrics}
+    values |= {f"eval.latency_p{p}_s": metrics["latency_s_per_request"][f"p{p}"] for p in (50, 95)}
+    for task, m in metrics.get("per_task", {}).items():
+        key = re.sub(r"[^A-Za-z0-9_\-./ ]", "_", task)
+        values |= {f"eval.{key}.accuracy": m["accuracy"], f"eval.{key}.chance": m["chance"]}
+    table = "task,num_samples,accuracy,exact_match,chance\n" + "".join(
+        f"{task},{m.get('num_samples', '')},{m['accuracy']},{m.get('exact_match', '')},{m['chance']}\n"
+        for task, m in metrics.get("per_task", {}).items())
+    files = {f"eval/{label}/metrics.json": json.dumps({k: v for k, v in metrics.items() if k != "mlflow"},
+                                                      indent=1, default=str).encode(),
+             f"eval/{label}/per_task.csv": table.encode(),
+             f"eval/{label}/accuracy.png": storage.read_bytes(metrics["plot"], cfg.storage)}
+    if cfg.predictions:
+        files[f"eval/{label}/predictions.jsonl"] = "".join(json.dumps(r) + "\n" for r in rows).encode()
+    return log_evaluation(record, metrics=values, step=int(meta.get("global_step", 0)), uri=t.uri, files=files,
+                          tags={"eval.model": cfg.model, "eval.data": cfg.data.val, "eval.engine": metrics["engine"]})
 
 
 def preflight(cfg: EvalConfig) -> None:

@@ -43,6 +43,7 @@ from croniter import croniter
 
 from pipelines import storage
 from pipelines.lifecycle.jobs_client import JobsConfig, RolloutConfig
+from pipelines.lifecycle.mlflow_mirror import MlflowSection, log_tick
 from pipelines.lifecycle.registry import LockHeld, Registry, RegistryLock, Version
 
 # ---------------------------------------------------------------- cron
@@ -86,6 +87,7 @@ class ScheduleConfig:
     lock_ttl_s: float = 3600.0  # a lock whose heartbeat is older than this belongs to a dead tick
     jobs: JobsConfig = field(default_factory=JobsConfig)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    mlflow: MlflowSection = field(default_factory=MlflowSection)  # tick runs + Model Registry mirror (champion)
 
     def __post_init__(self) -> None:
         check_cron(self.cron)
@@ -194,6 +196,11 @@ class Scheduler:
         finally:
             stop.set()
             record["job_ids"].update(job_ids or {})
+            if self.cfg.mlflow.uri:  # published after the decision; a failure is recorded, never raised
+                try:
+                    record["mlflow"] = log_tick(self.cfg.mlflow, self.registry, record)
+                except Exception as e:  # noqa: BLE001
+                    record["mlflow"] = {"error": f"{type(e).__name__}: {e}"}
             self.registry.log_decision(record)
             lock.release()
         return record

@@ -161,6 +161,23 @@ class LoggingSection:
 
 
 @dataclass(frozen=True, kw_only=True)
+class TrackingSection:
+    """MLflow tracking (pipelines/tracking/): the run's params, rank 0's per-step metrics, phase summaries
+    and artifacts. ``uri: null`` = the embedded store (SQLite + artifact folder in ``dir``, served by an
+    ``mlflow server`` the driver starts on 127.0.0.1 for the run); ``http://host:port`` = a team's server."""
+
+    enabled: bool | None = None  # None = on; the embedded store only unless env SLIME_TRACKING=off (tests)
+    uri: str | None = None  # http(s)://host:port; None = embedded store
+    dir: str | None = None  # embedded store; None = <parent of a local storage_path>/mlflow, else ./mlflow
+    experiment: str = "slime"
+
+    def __post_init__(self) -> None:
+        if self.uri is not None and not self.uri.startswith(("http://", "https://")):
+            raise ValueError(f"tracking.uri must be http(s)://host:port of an MLflow server (or null for the "
+                             f"embedded store), got {self.uri!r}")
+
+
+@dataclass(frozen=True, kw_only=True)
 class FaultConfig:
     """Fault injection for drills and tests: rank ``rank`` exits at ``global_step`` unless ``marker``
     exists (it is created first, so only the first attempt dies)."""
@@ -189,6 +206,7 @@ class TrainConfig:
     ingest: IngestSection = field(default_factory=IngestSection)
     checkpoint: CheckpointSection = field(default_factory=CheckpointSection)
     logging: LoggingSection = field(default_factory=LoggingSection)
+    tracking: TrackingSection = field(default_factory=TrackingSection)
     fault: FaultConfig = field(default_factory=FaultConfig)
 
     def __post_init__(self) -> None:

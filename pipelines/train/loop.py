@@ -29,8 +29,8 @@ import yaml
 from pipelines import storage
 from pipelines.train.batches import Batches
 from pipelines.train.config import PhaseConfig, TrainConfig, expand_phases
-from pipelines.train.state import Position, RunLog, export_model, phase_model_uri, read_position, seed_everything, \
-    write_checkpoint_files, write_phase_adapter, write_phase_model
+from pipelines.train.state import Position, RunLog, export_model, logs_uri, phase_model_uri, read_position, \
+    seed_everything, write_checkpoint_files, write_loss_plot, write_phase_adapter, write_phase_model
 from slime.config import from_dict, merge, replace, to_dict
 
 CHECKPOINT_KEYS = ("phase", "phase_index", "step", "global_step", "loss", "phase_done")
@@ -139,11 +139,6 @@ def run_config(cfg: TrainConfig):
 
 def train(cfg: TrainConfig) -> dict:
     """Run (or resume) the whole schedule; export the final model to ``cfg.export_dir``."""
-    import ray.train
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from pipelines.data.ingest import build_dataset, ingest_options, list_shards, shards_read
-
     if isinstance(cfg.engine.deepspeed, str):  # resolved here: workers may not see the driver's files
         with open(cfg.engine.deepspeed) as f:
             cfg = replace(cfg, engine=replace(cfg.engine, deepspeed=yaml.safe_load(f)))
@@ -151,12 +146,27 @@ def train(cfg: TrainConfig) -> dict:
     phases = resolve_phases(cfg, init_dir)
     dcfgs = {p.name: phase_data_config(cfg, p, init_dir) for p in phases}
     plan = [phase_steps(cfg, p, dcfgs[p.name]) for p in phases]
+    from pipelines.train.mlflow_run import TrainTracking
+
+    tracking = TrainTracking.open(cfg, phases, plan)  # the MLflow run (reopened on resume); never raises
+    try:
+        return _fit(cfg, init_dir, phases, dcfgs, plan, tracking)
+    finally:
+        tracking.close_server()
+
+
+def _fit(cfg: TrainConfig, init_dir: str, phases: list[PhaseConfig], dcfgs: dict, plan: list[int], tracking) -> dict:
+    import ray.train
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from pipelines.data.ingest import build_dataset, ingest_options, list_shards, shards_read
+
     scaling = cfg.scaling
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config={"train": to_dict(cfg), "init_dir": init_dir, "plan": plan,
                            "phases": [to_dict(p) for p in phases],
-                           "data": {n: to_dict(d) for n, d in dcfgs.items()}},
+                           "data": {n: to_dict(d) for n, d in dcfgs.items()}, "tracking": tracking.worker_config},
         torch_config=TorchConfig(backend=cfg.engine.backend or ("nccl" if scaling.use_gpu else "gloo")),
         scaling_config=ray.train.ScalingConfig(num_workers=scaling.num_workers, use_gpu=scaling.use_gpu,
                                                resources_per_worker=dict(scaling.resources_per_worker),
@@ -170,7 +180,11 @@ def train(cfg: TrainConfig) -> dict:
     log_uri = storage.join(logs_uri(cfg), "metrics.jsonl")
     with TrainProgress(log_uri, plan, [p.name for p in phases], every=cfg.logging.every_steps,
                        interactive=None if cfg.logging.console == "auto" else cfg.logging.console == "bar"):
-        result = trainer.fit()
+        try:
+            result = trainer.fit()
+        except BaseException:
+            tracking.finish(cfg, status="FAILED", log_uri=log_uri)  # a re-run of the name reopens the run
+            raise
     plot = write_loss_plot(cfg, log_uri)
     checkpoint_uri = result.checkpoint.path
     if storage.is_s3(cfg.storage_path):
@@ -184,31 +198,11 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.export_dir:
         final = json.loads(storage.read_bytes(storage.join(checkpoint_uri, "train_state.json")))
         export_model(final.get("model") or storage.join(checkpoint_uri, "model"), cfg.export_dir,
-                     extra={"training_data.json": json.dumps(data, indent=1).encode()})
+                     extra={"training_data.json": json.dumps(data, indent=1).encode(), **tracking.export_files()})
+    mlflow = tracking.finish(cfg, status="FINISHED", log_uri=log_uri, plot=plot)
     return {"name": cfg.name, "checkpoint": checkpoint_uri, "export_dir": cfg.export_dir, "phase_steps": plan,
             "phases": [p.name for p in phases], "metrics": result.metrics, "metrics_log": log_uri,
-            "loss_plot": plot, "shards_read": read}
-
-
-def logs_uri(cfg: TrainConfig) -> str:
-    """Where the driver finds rank 0's metrics.jsonl: the local log dir, or its remote copy."""
-    if storage.is_s3(cfg.storage_path):
-        return storage.join(cfg.storage_path, cfg.name, "logs")
-    return cfg.logging.local_dir or os.path.join(cfg.storage_path, cfg.name, "logs")
-
-
-def write_loss_plot(cfg: TrainConfig, log_uri: str) -> str | None:
-    """loss.png next to metrics.jsonl; prints the per-phase summary table."""
-    from pipelines.console import story, summary_table
-    from pipelines.plots import plot_training, read_jsonl
-
-    if not storage.exists(log_uri):
-        return None
-    rows = read_jsonl(storage.read_bytes(log_uri))
-    print(summary_table(rows), file=story(), flush=True)
-    plot = storage.join(log_uri.rsplit("/", 1)[0], "loss.png")
-    storage.write_bytes_atomic(plot, plot_training(rows, title=cfg.name))
-    return plot
+            "loss_plot": plot, "shards_read": read, "mlflow": mlflow}
 
 
 # ----------------------------------------------------------------------------- worker side
@@ -285,7 +279,7 @@ def train_loop_per_worker(config: dict) -> None:
                   cfg.logging.local_dir or os.path.join(tempfile.gettempdir(), "slime-runs", cfg.name, "logs"))
     remote_logs = storage.join(cfg.storage_path, cfg.name, "logs") if storage.is_s3(cfg.storage_path) else None
     log = RunLog(local_logs, remote_logs, enabled=rank == 0, tensorboard=cfg.logging.tensorboard,
-                 every_steps=cfg.logging.every_steps)
+                 every_steps=cfg.logging.every_steps, tracking=config.get("tracking"))
 
     seed_everything(cfg.seed + rank)
     pos, restored = Position(), ray.train.get_checkpoint()
@@ -342,8 +336,11 @@ def train_loop_per_worker(config: dict) -> None:
             while step < total:
                 start = time.perf_counter()
                 sums = [0.0] * 6  # loss, micro-batches, samples, tokens, visual tokens, kept fraction
+                wait = 0.0  # time this step waited for its micro-batches
                 for micro in range(cfg.optim.grad_accum):
+                    before = time.perf_counter()
                     batch = batches.next()
+                    wait += time.perf_counter() - before
                     out = engine.micro_step(batch, phase, last=micro == cfg.optim.grad_accum - 1)
                     sums = [a + b for a, b in zip(sums, (float(out.loss), 1, len(batch["input_ids"]),
                                                          float(batch["attention_mask"].sum()),
@@ -359,7 +356,8 @@ def train_loop_per_worker(config: dict) -> None:
                            "global_step": global_step, "loss": loss / micros, "lr": lr,
                            "grad_norm": grad_norm, "samples_per_s": samples / elapsed,
                            "tokens_per_s": tokens / elapsed, "visual_tokens_per_sample": visual / samples,
-                           "kept_local_fraction": kept / micros, "data_epoch": batches.epoch, "step_time_s": elapsed}
+                           "kept_local_fraction": kept / micros, "data_epoch": batches.epoch, "step_time_s": elapsed,
+                           "data_wait_s": wait}
                 log.step(metrics)
                 _maybe_fail(cfg, global_step, rank)
                 done = step == total

@@ -142,12 +142,21 @@ def write_checkpoint_files(directory: str, *, rank: int, state: dict, engine) ->
 class RunLog:
     """Rank 0's metrics: metrics.jsonl, TensorBoard events and a readable progress line."""
 
+    # rank 0's per-step values sent to MLflow (step = global step; the phase is the ``phase`` tag, ``phase_index``)
+    TRACKED = ("loss", "lr", "grad_norm", "samples_per_s", "tokens_per_s", "visual_tokens_per_sample",
+               "kept_local_fraction", "data_wait_s", "step_time_s", "phase_index", "data_epoch")
+
     def __init__(self, local_dir: str, remote_dir: str | None, *, enabled: bool, tensorboard: bool,
-                 every_steps: int) -> None:
+                 every_steps: int, tracking: dict | None = None) -> None:
         self.enabled, self.local_dir, self.remote_dir, self.every = enabled, local_dir, remote_dir, every_steps
         self.writer = None
+        self.tracker = None
         if not enabled:
             return
+        if tracking:  # pipelines/tracking/runs.py: a background sender; failures are counted, never raised
+            from pipelines.tracking.runs import RunTracker
+
+            self.tracker = RunTracker(tracking["uri"], tracking["run_id"], background=True, label="train rank 0")
         os.makedirs(local_dir, exist_ok=True)
         path = os.path.join(local_dir, "metrics.jsonl")
         if remote_dir and not os.path.exists(path) and storage.exists(storage.join(remote_dir, "metrics.jsonl")):
@@ -164,11 +173,15 @@ class RunLog:
         if self.enabled:
             self.file.write(json.dumps({"event": name, "time": time.time(), **fields}) + "\n")
             print(f"[train] {name}: {json.dumps(fields)}", flush=True)
+            if self.tracker is not None and name == "phase_start":
+                self.tracker.set_tags({"phase": fields["phase"], f"phase.{fields['phase_index']}": fields["phase"]})
 
     def step(self, m: dict) -> None:
         if not self.enabled:
             return
         self.file.write(json.dumps({"time": time.time(), **m}) + "\n")
+        if self.tracker is not None:
+            self.tracker.log_metrics({k: m[k] for k in self.TRACKED if k in m}, step=m["global_step"])
         if self.writer is not None:
             for key, value in m.items():
                 if isinstance(value, (int, float)) and key not in ("step", "global_step", "phase_index"):
@@ -190,10 +203,33 @@ class RunLog:
 
     def close(self) -> None:
         self.sync()
+        if self.tracker is not None:
+            self.tracker.close()
         if self.enabled:
             self.file.close()
             if self.writer is not None:
                 self.writer.close()
+
+
+def logs_uri(cfg) -> str:
+    """Where the driver finds rank 0's metrics.jsonl: the local log dir, or its remote copy."""
+    if storage.is_s3(cfg.storage_path):
+        return storage.join(cfg.storage_path, cfg.name, "logs")
+    return cfg.logging.local_dir or os.path.join(cfg.storage_path, cfg.name, "logs")
+
+
+def write_loss_plot(cfg, log_uri: str) -> str | None:
+    """loss.png next to metrics.jsonl; prints the per-phase summary table."""
+    from pipelines.console import story, summary_table
+    from pipelines.plots import plot_training, read_jsonl
+
+    if not storage.exists(log_uri):
+        return None
+    rows = read_jsonl(storage.read_bytes(log_uri))
+    print(summary_table(rows), file=story(), flush=True)
+    plot = storage.join(log_uri.rsplit("/", 1)[0], "loss.png")
+    storage.write_bytes_atomic(plot, plot_training(rows, title=cfg.name))
+    return plot
 
 
 def export_model(src_uri: str, export_dir: str, extra: dict[str, bytes] | None = None) -> None:
