@@ -159,8 +159,18 @@ class LocalCluster:
     def kill_node(self, index: int) -> float:
         """SIGKILL worker node ``index``'s processes (no graceful drain); returns the time it took."""
         start = time.monotonic()
-        self.cluster.remove_node(self.nodes.pop(index), allow_graceful=False)
+        if index in self.processes:  # a `ray start` node: its whole session (raylet, workers, agents)
+            proc = self.processes.pop(index)
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            self.process_node_ids.pop(index, None)
+        else:
+            self.cluster.remove_node(self.nodes.pop(index), allow_graceful=False)
         return time.monotonic() - start
+
+    def workers(self) -> list[int]:
+        """Indices of the live worker nodes this object started."""
+        return sorted([*self.nodes, *self.processes])
 
     def node_id(self, index: int) -> str:
         return self.nodes[index].node_id if index in self.nodes else self.process_node_ids[index]

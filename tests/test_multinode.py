@@ -171,3 +171,38 @@ def test_training_across_two_nodes_survives_losing_one(cluster, readme_data, s3_
     assert summary["checkpoint"].startswith(f"{base}/runs/multinode/checkpoint-p03-s0000004")
     assert storage.exists(f"{base}/models/multinode/EXPORT_COMPLETE")
     assert losses == pytest.approx(golden, rel=1e-3), "two nodes (with a node lost) != the single-node run"
+
+
+def test_data_pipeline_loses_a_node_mid_epoch(cluster, readme_data, tmp_path):
+    """Ray Data reads and preprocesses the README's shards with Preprocessor actors spread over the nodes; the
+    worker node holding one of them is killed mid-epoch. Every sample id (``sample_hash``) of the epoch is
+    counted: none lost, none seen twice (Ray Data retries the lost tasks and restarts the lost actors)."""
+    import ray
+
+    from pipelines.data.ingest import DataConfig, build_dataset
+    from slime.presets import save_tiny_checkpoint
+
+    model = str(tmp_path / "model")
+    save_tiny_checkpoint(model, seed=3407)
+    cfg = DataConfig(shards=readme_data, model=model, mode="global", num_actors=3, actor_num_cpus=0.5,
+                     batch_size=4, metrics_name="DataMetrics-multinode-data")
+    expected = [int(h) for b in build_dataset(cfg).iter_batches(batch_size=64) for h in b["sample_hash"]]
+    victim = cluster.workers()[-1]  # the youngest live worker node
+    seen: list[int] = []
+    killed_after = None
+    for batch in build_dataset(cfg).iter_batches(batch_size=4):
+        seen += [int(h) for h in batch["sample_hash"]]
+        if killed_after is None and len(seen) >= len(expected) // 3:
+            from ray.util.state import list_actors
+
+            actors = [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if "Preprocessor" in a.class_name]
+            on_victim = [a for a in actors if a.node_id == cluster.node_id(victim)]
+            cluster.kill_node(victim)
+            killed_after = len(seen)
+            print(f"[multinode] data: killed worker node {victim} ({len(on_victim)} of {len(actors)} Preprocessor "
+                  f"actors on it) after {killed_after} samples", flush=True)
+    duplicated = len(seen) - len(set(seen))
+    lost = len(set(expected) - set(seen))
+    print(f"[multinode] data: expected {len(expected)} seen {len(seen)} duplicated {duplicated} lost {lost}")
+    assert ray.is_initialized() and killed_after is not None and len(set(expected)) == len(expected)
+    assert (duplicated, lost, len(seen)) == (0, 0, len(expected))
