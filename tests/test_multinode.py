@@ -187,7 +187,6 @@ def test_data_pipeline_loses_a_node_mid_epoch(cluster, readme_data, tmp_path):
     cfg = DataConfig(shards=readme_data, model=model, mode="global", num_actors=3, actor_num_cpus=0.5,
                      batch_size=4, metrics_name="DataMetrics-multinode-data")
     expected = [int(h) for b in build_dataset(cfg).iter_batches(batch_size=64) for h in b["sample_hash"]]
-    victim = cluster.workers()[-1]  # the youngest live worker node
     seen: list[int] = []
     killed_after = None
     for batch in build_dataset(cfg).iter_batches(batch_size=4):
@@ -196,11 +195,13 @@ def test_data_pipeline_loses_a_node_mid_epoch(cluster, readme_data, tmp_path):
             from ray.util.state import list_actors
 
             actors = [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if "Preprocessor" in a.class_name]
-            on_victim = [a for a in actors if a.node_id == cluster.node_id(victim)]
+            held = {i: sum(a.node_id == cluster.node_id(i) for a in actors) for i in cluster.workers()}
+            victim = max(held, key=lambda i: (held[i], i))  # the worker node holding most Preprocessor actors
             cluster.kill_node(victim)
             killed_after = len(seen)
-            print(f"[multinode] data: killed worker node {victim} ({len(on_victim)} of {len(actors)} Preprocessor "
+            print(f"[multinode] data: killed worker node {victim} ({held[victim]} of {len(actors)} Preprocessor "
                   f"actors on it) after {killed_after} samples", flush=True)
+            assert held[victim] >= 1, f"no Preprocessor actor on a worker node: {held}"
     duplicated = len(seen) - len(set(seen))
     lost = len(set(expected) - set(seen))
     print(f"[multinode] data: expected {len(expected)} seen {len(seen)} duplicated {duplicated} lost {lost}")
