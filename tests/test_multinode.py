@@ -207,3 +207,19 @@ def test_data_pipeline_loses_a_node_mid_epoch(cluster, readme_data, tmp_path):
     print(f"[multinode] data: expected {len(expected)} seen {len(seen)} duplicated {duplicated} lost {lost}")
     assert ray.is_initialized() and killed_after is not None and len(set(expected)) == len(expected)
     assert (duplicated, lost, len(seen)) == (0, 0, len(expected))
+
+
+def test_data_counters_live_on_the_driver_node(cluster):
+    """The run's DataMetrics actor is pinned to the driver's node: on a worker node, losing that node failed
+    every restart of a training run (every read task reports to it). A soft affinity put 2 of 4 on workers."""
+    import ray
+    from ray.util.state import list_actors
+
+    from pipelines.data.preprocess import metrics_actor
+
+    names = [f"DataMetrics-placement-{i}" for i in range(4)]
+    ray.get([metrics_actor(n).get.remote() for n in names])
+    nodes = {a.name: a.node_id for a in list_actors(filters=[("class_name", "=", "DataMetrics"), ("state", "=", "ALIVE")])
+             if a.name in names}
+    print(f"[multinode] DataMetrics actors on nodes {sorted(set(nodes.values()))}")
+    assert nodes == dict.fromkeys(names, ray.get_runtime_context().get_node_id())
