@@ -23,7 +23,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--head-cpus", type=int, default=2, help="logical CPUs of the head")
     p.add_argument("--worker-cpus", type=int, default=1, help="logical CPUs of each worker node")
     p.add_argument("--dashboard-port", type=int, default=8266, help="Jobs API / dashboard port on 127.0.0.1")
-    p.add_argument("--root", default=None, help="directory for the nodes' temp dirs (default: a new /tmp dir)")
+    p.add_argument("--root", default=None, help="directory for the nodes' temp dirs and logs, kept (default: a new /tmp dir, removed at the end)")
     args = p.parse_args(argv)
 
     from pipelines.cluster import LocalCluster, LocalClusterConfig

@@ -44,7 +44,7 @@ class LocalClusterConfig:
     head_object_store_mb: int = 400
     worker_object_store_mb: int = 200
     dashboard_port: int = 0  # 0: a free port
-    root: str | None = None  # None: a fresh directory under /tmp (short: raylet socket paths are limited)
+    root: str | None = None  # None: a fresh directory under /tmp, removed by stop() (short: socket paths are limited)
     worker_resources: dict[str, float] = field(default_factory=dict)  # extra resources on every worker node
     # How soon the GCS declares a silent node dead (Ray's defaults: 3000 ms x 5). Until then a killed node still
     # offers its resources, and work placed there (a restarted run's data actors) fails a second time.
@@ -102,6 +102,8 @@ class LocalCluster:
             self.cluster.shutdown()
             self.cluster = None
             self.nodes.clear()
+        if self.cfg.root is None:  # a directory it made itself (sessions, logs, spilled objects) goes too
+            shutil.rmtree(self.root, ignore_errors=True)
         if self._env is None:
             os.environ.pop("RAY_TMPDIR", None)
         else:
