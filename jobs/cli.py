@@ -17,6 +17,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("jobs.serve:main", "run the OpenAI-compatible Ray Serve app"),
     "explain": ("jobs.explain:main", "draw which local tokens a question keeps on an image"),
     "demo": ("jobs.demo:main", "the whole pipeline end to end on a laptop"),
+    "cluster": ("jobs.cluster:main", "a local multi-node Ray cluster (head + N worker nodes) until Ctrl-C"),
     "schedule": ("jobs.schedule:main", "scheduled retraining (--cron EXPR | --once)"),
     "submit": ("jobs.submit:main", "submit a job to a Ray cluster: slime submit NAME --address URL -- ARGS"),
     "status": ("jobs.submit:status_main", "status of a submitted job: slime status JOB_ID --address URL"),

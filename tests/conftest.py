@@ -22,11 +22,10 @@ os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 import pytest  # noqa: E402
 
 
-@pytest.fixture(scope="session")
-def ray_session():
-    """One embedded Ray for every integration test (init costs ~6 s). 4 logical CPUs on 2 cores so
-    reads, actor pools, train workers and replicas (all fractional) fit together; 1 logical GPU so
-    GPU-actor code paths schedule while computing on CPU."""
+def start_embedded_ray():
+    """One embedded Ray (init costs ~6 s). 4 logical CPUs on 2 cores so reads, actor pools, train workers
+    and replicas (all fractional) fit together; 1 logical GPU so GPU-actor code paths schedule while
+    computing on CPU. tests/test_multinode.py stops it for its own cluster and starts it again."""
     import ray
 
     for attempt in (1, 2):
@@ -43,6 +42,13 @@ def ray_session():
             if attempt == 2 or "timed out during startup" not in str(e):
                 raise
             ray.shutdown()
+    return ray
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One embedded Ray for every integration test (start_embedded_ray)."""
+    ray = start_embedded_ray()
     yield ray
     try:
         from ray import serve

@@ -89,6 +89,7 @@ MAY_IMPORT = {
     "evaluate": {"data", "serve", "answers", *SHARED},
     "harness": {"data", "serve", "lifecycle", "evaluate", "answers", *SHARED},
     "demo": {*STAGES, "evaluate", *SHARED},
+    "cluster": set(),  # a local multi-node Ray cluster (tests, slime cluster): Ray only
 }
 
 

@@ -74,9 +74,16 @@ _HANDLES: dict[str, ray.actor.ActorHandle] = {}
 def metrics_actor(name: str):
     """Get-or-create, cached per process. Call it in the driver first: a non-detached actor dies with
     its owner or as soon as the owner drops its last handle, so the driver keeps one (the cache) for
-    the life of the job; a Ray Data worker as owner would take the counts down when the pool shrinks."""
+    the life of the job; a Ray Data worker as owner would take the counts down when the pool shrinks.
+    Created on the creator's (the driver's) node: on a worker node, losing that node would fail every later
+    read task's report, and with it every restart of the run (measured: tests/test_multinode.py)."""
     if name not in _HANDLES:
-        _HANDLES[name] = DataMetrics.options(name=name, get_if_exists=True, lifetime=None).remote()
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        # hard: a soft affinity was not honoured (measured: 2 of 4 such actors landed on worker nodes)
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=False)
+        _HANDLES[name] = DataMetrics.options(name=name, get_if_exists=True, lifetime=None,
+                                             scheduling_strategy=here).remote()
     return _HANDLES[name]
 
 

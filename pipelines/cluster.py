@@ -1,0 +1,202 @@
+"""A multi-node Ray cluster on one machine: a head plus N worker nodes, each a separate raylet with its own
+temp dir, object store and resources (Ray's own ``ray.cluster_utils.Cluster``).
+
+What it is for: tests and anyone trying slime-ray "as on a cluster" without one. Every worker node carries
+``slime_worker: 1`` and its own ``slime_node_<i>: 1``, so ``scaling.resources_per_worker={CPU: 0.5,
+slime_worker: 1}`` puts each Ray Train worker on its own node, and ``{slime_node_0: 0.5}`` pins work to one
+node. The head has CPUs for the driver side (Train controller, Ray Data's coordinator, read tasks) and the
+dashboard (Jobs API) on 127.0.0.1.
+
+Everything the cluster writes (sessions, logs, spilled objects, the ``ray_current_cluster`` address file)
+stays under its own root directory: ``RAY_TMPDIR`` points there while the nodes start, so a plain
+``ray.init()`` elsewhere on the machine never joins this cluster by accident, and stopping it removes
+only what it started (its nodes' processes, by the pids Ray recorded for them; never ``ray stop``).
+Internal traffic uses the host's own address (Ray picks it even when asked for 127.0.0.1; it stays on
+the machine); the dashboard binds 127.0.0.1.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Self
+
+WORKER_RESOURCE = "slime_worker"  # one per worker node: a Train worker asking for 1 gets a node to itself
+
+
+def node_resource(index: int) -> str:
+    return f"slime_node_{index}"
+
+
+@dataclass(frozen=True, kw_only=True)
+class LocalClusterConfig:
+    workers: int = 2
+    head_cpus: int = 2  # logical: driver-side actors, Ray Data reads and actors (fractional requests)
+    worker_cpus: int = 1  # logical, per worker node
+    head_object_store_mb: int = 400
+    worker_object_store_mb: int = 200
+    dashboard_port: int = 0  # 0: a free port
+    root: str | None = None  # None: a fresh directory under /tmp, removed by stop() (short: socket paths are limited)
+    worker_resources: dict[str, float] = field(default_factory=dict)  # extra resources on every worker node
+    # How soon the GCS declares a silent node dead (Ray's defaults: 3000 ms x 5). Until then a killed node still
+    # offers its resources, and work placed there (a restarted run's data actors) fails a second time.
+    health_check_period_ms: int = 1000
+    health_check_failure_threshold: int = 10
+
+
+class LocalCluster:
+    """``with LocalCluster(cfg) as c: ray.init(address=c.address) ...``. ``kill_node(i)`` removes worker
+    node ``i`` without grace (SIGKILL to its raylet, workers and agents: what a lost host looks like to
+    Ray); ``add_worker()`` joins a fresh one (a replacement, as an autoscaler would provide)."""
+
+    def __init__(self, cfg: LocalClusterConfig = LocalClusterConfig()):
+        self.cfg = cfg
+        self.root = cfg.root or tempfile.mkdtemp(prefix="slime-mn-", dir="/tmp")
+        self.cluster = None
+        self.nodes: dict[int, object] = {}  # worker index -> ray._private.node.Node (live ones)
+        self.processes: dict[int, subprocess.Popen] = {}  # worker index -> `ray start --block` (its own session)
+        self.process_node_ids: dict[int, str] = {}
+        self._next = 0
+        self._env: str | None = None
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def start(self) -> Self:
+        from ray.cluster_utils import Cluster
+
+        os.makedirs(os.path.join(self.root, "ray"), exist_ok=True)  # where the address file goes
+        self._env = os.environ.get("RAY_TMPDIR")
+        os.environ["RAY_TMPDIR"] = self.root
+        self.cluster = Cluster(initialize_head=True, head_node_args={
+            "num_cpus": self.cfg.head_cpus, "temp_dir": os.path.join(self.root, "head"), "include_dashboard": True,
+            "dashboard_host": "127.0.0.1", "dashboard_port": self.cfg.dashboard_port,
+            "object_store_memory": self.cfg.head_object_store_mb * 2**20, "resources": {"slime_head": 1},
+            "_system_config": {"health_check_period_ms": self.cfg.health_check_period_ms,
+                               "health_check_failure_threshold": self.cfg.health_check_failure_threshold}})
+        for _ in range(self.cfg.workers):
+            self.add_worker(wait=False)
+        self.wait_for_nodes()
+        return self
+
+    def stop(self) -> None:
+        """Every process this cluster started, by pid (Ray's Node objects hold them); then the env back."""
+        for proc in self.processes.values():  # `ray start --block` stops its node's processes on SIGTERM
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGTERM)
+        for proc in self.processes.values():
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                os.killpg(proc.pid, signal.SIGKILL)
+                proc.wait()
+        self.processes.clear()
+        if self.cluster is not None:
+            self.cluster.shutdown()
+            self.cluster = None
+            self.nodes.clear()
+        if self.cfg.root is None:  # a directory it made itself (sessions, logs, spilled objects) goes too
+            shutil.rmtree(self.root, ignore_errors=True)
+        if self._env is None:
+            os.environ.pop("RAY_TMPDIR", None)
+        else:
+            os.environ["RAY_TMPDIR"] = self._env
+
+    def __enter__(self) -> Self:
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+    # ------------------------------------------------------------------ nodes
+
+    def add_worker(self, *, wait: bool = True) -> int:
+        """A new worker node (index = next unused); returns its index. Off the main thread (a test's watcher
+        adding a replacement while the driver trains) the node is a ``ray start --address ... --block``
+        process, as a node an autoscaler launches would be: Ray's in-process node installs a SIGTERM
+        handler, which Python allows only on the main thread."""
+        index, self._next = self._next, self._next + 1
+        resources = {WORKER_RESOURCE: 1, node_resource(index): 1, **self.cfg.worker_resources}
+        if threading.current_thread() is not threading.main_thread():
+            self._start_process_node(index, resources, wait=wait)
+            return index
+        node = self.cluster.add_node(
+            wait=wait, num_cpus=self.cfg.worker_cpus, temp_dir=os.path.join(self.root, f"w{index}"),
+            object_store_memory=self.cfg.worker_object_store_mb * 2**20,
+            resources=resources)
+        self.nodes[index] = node
+        return index
+
+    def _start_process_node(self, index: int, resources: dict, *, wait: bool, timeout: float = 120.0) -> None:
+        import ray
+
+        before = {n["NodeID"] for n in ray.nodes() if n["Alive"]} if ray.is_initialized() else set()
+        ray_cli = os.path.join(os.path.dirname(sys.executable), "ray")
+        log = os.path.join(self.root, f"w{index}.log")
+        with open(log, "wb") as out:
+            self.processes[index] = subprocess.Popen(
+                [ray_cli if os.path.exists(ray_cli) else shutil.which("ray"), "start",
+                 f"--address={self.address}", f"--num-cpus={self.cfg.worker_cpus}",
+                 f"--resources={json.dumps(resources)}", f"--temp-dir={os.path.join(self.root, f'w{index}')}",
+                 f"--object-store-memory={self.cfg.worker_object_store_mb * 2**20}", "--disable-usage-stats",
+                 "--block"], stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while wait and ray.is_initialized():
+            fresh = [n for n in ray.nodes() if n["Alive"] and n["NodeID"] not in before
+                     and n["Resources"].get(node_resource(index))]
+            if fresh:
+                self.process_node_ids[index] = fresh[0]["NodeID"]
+                return
+            if self.processes[index].poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"worker node {index} did not join; see {log}")
+            time.sleep(0.5)
+
+    def kill_node(self, index: int) -> float:
+        """SIGKILL worker node ``index``'s processes (no graceful drain); returns the time it took."""
+        start = time.monotonic()
+        if index in self.processes:  # a `ray start` node: its whole session (raylet, workers, agents)
+            proc = self.processes.pop(index)
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            self.process_node_ids.pop(index, None)
+        else:
+            self.cluster.remove_node(self.nodes.pop(index), allow_graceful=False)
+        return time.monotonic() - start
+
+    def workers(self) -> list[int]:
+        """Indices of the live worker nodes this object started."""
+        return sorted([*self.nodes, *self.processes])
+
+    def node_id(self, index: int) -> str:
+        return self.nodes[index].node_id if index in self.nodes else self.process_node_ids[index]
+
+    def wait_for_nodes(self, timeout: float = 120.0) -> None:
+        """Until the GCS counts exactly the live nodes this object started (a loaded machine is slow)."""
+        self.cluster.wait_for_nodes(timeout=timeout)
+
+    # ------------------------------------------------------------------ addresses
+
+    @property
+    def address(self) -> str:
+        """What ``ray.init(address=...)`` / ``RAY_ADDRESS`` takes (GCS host:port)."""
+        return self.cluster.address
+
+    @property
+    def dashboard_url(self) -> str:
+        """The Jobs API (``slime submit --address``)."""
+        return "http://" + self.cluster.webui_url
+
+    def pids(self) -> list[int]:
+        """Pids of every process the nodes run (raylets, GCS, agents, dashboard)."""
+        out = []
+        for node in self.cluster.list_all_nodes() if self.cluster else []:
+            for infos in node.all_processes.values():
+                out += [i.process.pid for i in infos if i.process is not None]
+        return out + [p.pid for p in self.processes.values()]
