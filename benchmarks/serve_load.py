@@ -79,11 +79,12 @@ CONFIGS = ("hf", "vllm", "ceiling", "peer")
 # --------------------------------------------------------------------------- requests
 
 
-def png_url(w: int = 640, h: int = 480) -> str:
+def png_url(w: int = 640, h: int = 480, shift: int = 0) -> str:
     from PIL import Image, ImageDraw
 
     img = Image.new("RGB", (w, h), (90, 140, 60))
-    ImageDraw.Draw(img).ellipse((w * 5 // 16, h * 5 // 16, w // 2, h * 9 // 16), fill=(220, 40, 40))
+    x, y = w * 5 // 16 + shift, h * 5 // 16
+    ImageDraw.Draw(img).ellipse((x, y, x + w * 3 // 16, y + h // 4), fill=(220, 40, 40))
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
@@ -113,22 +114,29 @@ def summarize(latencies: list[float], tokens: int, failed: int, elapsed: float, 
 
 
 def load(base_url: str, concurrency: int, duration_s: float, payload: dict, path: str = "/v1/chat/completions",
-         visual: float | None = None) -> dict:
-    """``concurrency`` closed-loop HTTP clients for ``duration_s``: latency and output tokens of every success."""
+         visual: float | None = None, collect: list | None = None) -> dict:
+    """``concurrency`` closed-loop HTTP clients for ``duration_s``: latency and output tokens of every success
+    (``collect``: gets (client latency, the response's ``slime_timings``) of each)."""
     import httpx
 
     latencies, tokens, failures, seen, lock = [], [0], [0], [visual], threading.Lock()
+    payloads, sent = (payload if isinstance(payload, list) else [payload]), [0]
     deadline = time.perf_counter() + duration_s
 
     def client():
         with httpx.Client(base_url=base_url, timeout=300) as c:
             while time.perf_counter() < deadline:
+                with lock:  # a list of payloads (distinct images): each request the next one
+                    one, sent[0] = payloads[sent[0] % len(payloads)], sent[0] + 1
                 t0 = time.perf_counter()
-                r = c.post(path, json=payload)
+                r = c.post(path, json=one)
                 with lock:
                     if r.status_code == 200:
                         latencies.append(time.perf_counter() - t0)
-                        usage = r.json()["usage"]
+                        answer = r.json()
+                        usage = answer["usage"]
+                        if collect is not None:
+                            collect.append((latencies[-1], answer.get("slime_timings")))
                         tokens[0] += usage["completion_tokens"]
                         if usage.get("visual_tokens") is not None:
                             seen[0] = usage["visual_tokens"]
@@ -147,7 +155,8 @@ def load(base_url: str, concurrency: int, duration_s: float, payload: dict, path
 # --------------------------------------------------------------------------- the configurations
 
 
-def deploy(model: str, engine: str, base_url: str, max_tokens: int, replica_cpus: float) -> float:
+def deploy(model: str, engine: str, base_url: str, max_tokens: int, replica_cpus: float,
+           env: dict | None = None) -> float:
     """Deploy ``engine``'s app (replacing the previous one) -> seconds until it answered a request."""
     import httpx
     from ray import serve
@@ -158,7 +167,7 @@ def deploy(model: str, engine: str, base_url: str, max_tokens: int, replica_cpus
     batching = {"max_batch_size": 8, "batch_wait_timeout_s": 0.01} if engine == "hf" else {"max_num_seqs": 16}
     args = {"model": model, "model_id": "bench", "engine": engine, "num_cpus": replica_cpus, **batching,
             "max_ongoing_requests": 32, "max_tokens": max_tokens, "max_image_pixels": 2_000_000,
-            "autoscaling": {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 4}}
+            "autoscaling": {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 4}, "env": env or {}}
     undeploy()
     t0 = time.perf_counter()
     serve.run(build_app(args), name=APP, route_prefix="/", blocking=False)
@@ -389,6 +398,73 @@ class PeerServer:
         self.log.close()
 
 
+# --------------------------------------------------------------------------- where a request's time goes
+
+STEPS = [  # (row, source): the handler's own spans and vLLM's timestamps per request, the timings file per call
+    ("HTTP + Serve proxy + ingress", "http"), ("read body", "read_body"), ("parse JSON + checks", "parse"),
+    ("image decode (base64 + PNG)", "image_decode"), ("our encoding (ChatEncoder)", "encode"),
+    ("submit -> engine core queued", "to_engine"), ("  of which vLLM multimodal processor", "mm_processor"),
+    ("queue (queued -> scheduled)", "queue"), ("prefill (scheduled -> 1st token)", "prefill"),
+    ("  of which vision+connector+compressor+selector", "visual"), ("decode steps (1st -> last token)", "decode"),
+    ("output: detokenise, back to handler", "output"), ("build response", "respond"),
+]
+
+
+def breakdown(model: str, base: str, concs: list[int], duration: float, max_tokens: int, replica_cpus: float) -> dict:
+    """Our vLLM app with ``SLIME_SERVE_TIMINGS`` on (``pipelines.serve.timings``): mean seconds per request of every
+    step, per concurrency. The HTTP row is the client's latency minus the handler's own time."""
+    from pipelines.serve import timings
+
+    path = os.path.join(tempfile.mkdtemp(), "timings.txt")
+    same = body(max_tokens)
+    # distinct images (the circle moved by a pixel each): vLLM's encoder and prefix caches cannot answer from a
+    # previous request, as with real traffic; 400 > requests a cell can finish, so none repeats
+    distinct = [{**same, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": QUESTION},
+        {"type": "image_url", "image_url": {"url": png_url(*IMAGES[MAIN_IMAGE], shift=i + 1)}}]}]} for i in range(400)]
+    deploy(model, "vllm", base, max_tokens, replica_cpus, env={timings.ENV: path})
+    try:
+        load(base, 4, min(3.0, duration), same)  # warm-up, not measured
+        out = {}
+        for conc, images in [(c, kind) for kind in ("same", "distinct") for c in concs]:
+            open(path, "w").close()  # this cell's per-call lines only
+            got: list = []
+            stats = load(base, conc, duration, same if images == "same" else distinct, collect=got)
+            rows = [t for _, t in got if t]
+            per_call = timings.read(path)
+            n = max(len(rows), 1)
+            cell = {k: statistics.fmean(r.get(k, 0.0) for r in rows) if rows else None
+                    for k in ("read_body", "parse", "image_decode", "encode", "to_engine", "queue", "prefill", "decode",
+                              "output", "respond", "handler")}
+            cell["http"] = statistics.fmean(lat - (t or {}).get("handler", 0.0) for lat, t in got) if got else None
+            cell["mm_processor"] = per_call.get("mm_processor", (0.0, 0, 0))[0] / n
+            total, calls, _ = per_call.get("visual", (0.0, 0, 0))
+            cell["visual"] = total / n
+            cell["visual_calls_per_request"] = calls / n
+            cell["latency"] = statistics.fmean(lat for lat, _ in got) if got else None
+            cell["tok_s"], cell["n"] = stats["tok_s"], len(rows)
+            out[f"c{conc}-{images}"] = cell
+        return out
+    finally:
+        undeploy()
+
+
+def print_breakdown(cells: dict) -> None:
+    concs = list(cells)
+    print("\nper-request time breakdown, our vLLM app, 640x480, mean ms per request (timings on: "
+          "pipelines/serve/timings.py); same = one image repeated, distinct = a new image every request")
+    print(f"{'step':<48}" + "".join(f"{c:>14}" for c in concs))
+    for label, key in STEPS + [("client latency (total)", "latency")]:
+        vals = [cells[c].get(key) for c in concs]
+        print(f"{label:<48}" + "".join(f"{v * 1e3:>14.1f}" if v is not None else f"{'-':>14}" for v in vals))
+    print(f"{'output tok/s':<48}" + "".join(f"{cells[c]['tok_s']:>14.1f}" for c in concs))
+    print(f"{'visual encoder calls per request':<48}" +
+          "".join(f"{cells[c]['visual_calls_per_request']:>14.2f}" for c in concs))
+    print(f"{'requests':<48}" + "".join(f"{cells[c]['n']:>14}" for c in concs))
+    print("(vLLM's timestamps: queued/scheduled/first/last token from RequestOutput.metrics, disable_log_stats=False; "
+          "calls < 1 per request: vLLM's encoder cache reused an identical image + question)")
+
+
 # --------------------------------------------------------------------------- reporting
 
 
@@ -503,10 +579,12 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,16", help="client counts per cell (1 and 16 feed the JSON)")
     parser.add_argument("--num-cpus", type=int, default=4, help="logical CPUs for the embedded Ray")
     parser.add_argument("--replica-cpus", type=float, default=0.5, help="num_cpus of the serving replica")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="only the per-request time breakdown of our vLLM app (timings on), at --concurrency")
     parser.add_argument("--llm-width", type=int, default=512)
     parser.add_argument("--llm-layers", type=int, default=8)
     args = parser.parse_args()
-    configs = [c for c in CONFIGS if c in args.configs.split(",")]
+    configs = [] if args.breakdown else [c for c in CONFIGS if c in args.configs.split(",")]
     concs = [int(c) for c in args.concurrency.split(",")]
 
     import ray
@@ -540,6 +618,16 @@ def main() -> None:
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     base = f"http://127.0.0.1:{port}"
+    if args.breakdown:
+        cells = breakdown(model, base, concs, args.duration, args.max_tokens, args.replica_cpus)
+        print_breakdown(cells)
+        serve.shutdown()
+        ray.shutdown()
+        print(json.dumps({"breakdown_ms": {c: {k: (round(v * 1e3, 2) if isinstance(v, float) and k not in
+                                                            ("tok_s", "visual_calls_per_request") else v)
+                                                        for k, v in cell.items()} for c, cell in cells.items()},
+                          "machine": machine()}), flush=True)
+        return
 
     results: list[dict] = []
     starts: dict[str, list[float]] = {c: [] for c in configs}
