@@ -195,9 +195,11 @@ def http_cells(base: str, cells: list[tuple], duration: float, max_tokens: int, 
     return out
 
 
-def ceiling(model: str, cells: list[tuple], duration: float, max_tokens: int) -> dict:
+def ceiling(model: str, cells: list[tuple], duration: float, max_tokens: int, threads: int | None = None) -> dict:
     """The engine alone: an ``AsyncLLM`` in this process with the endpoint's settings (``ServeArgs`` defaults:
-    enforce_eager, max_num_seqs 16), given the endpoint's own prompts, encoded before the clock starts."""
+    enforce_eager, max_num_seqs 16), given the endpoint's own prompts, encoded before the clock starts.
+    ``threads``: OMP_NUM_THREADS of its engine-core process (default: this process's, i.e. every core; a Serve
+    replica's engine core inherits Ray's OMP_NUM_THREADS = its num_cpus, at least 1)."""
     from vllm.sampling_params import RequestOutputKind
 
     from pipelines.serve import openai as oai
@@ -208,7 +210,11 @@ def ceiling(model: str, cells: list[tuple], duration: float, max_tokens: int) ->
     chat = VllmChat(model, limits=limits)
 
     async def run() -> dict:
-        engine = async_engine(model, max_num_seqs=16)
+        from unittest import mock
+
+        env = {"OMP_NUM_THREADS": str(threads)} if threads else {}
+        with mock.patch.dict(os.environ, env):  # read by the engine-core process vLLM spawns now
+            engine = async_engine(model, max_num_seqs=16)
         try:
             out, counter = {}, [0]
 
@@ -579,6 +585,8 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,16", help="client counts per cell (1 and 16 feed the JSON)")
     parser.add_argument("--num-cpus", type=int, default=4, help="logical CPUs for the embedded Ray")
     parser.add_argument("--replica-cpus", type=float, default=0.5, help="num_cpus of the serving replica")
+    parser.add_argument("--ceiling-threads", type=int, default=None,
+                        help="OMP threads of the ceiling's engine (default: all cores; 1 = what a 0.5-CPU replica gets)")
     parser.add_argument("--breakdown", action="store_true",
                         help="only the per-request time breakdown of our vLLM app (timings on), at --concurrency")
     parser.add_argument("--llm-width", type=int, default=512)
@@ -646,7 +654,7 @@ def main() -> None:
                     res = http_cells(base, cells, args.duration, args.max_tokens)
                     undeploy()
                 elif config == "ceiling":
-                    res = ceiling(model, main_cells, args.duration, args.max_tokens)
+                    res = ceiling(model, main_cells, args.duration, args.max_tokens, args.ceiling_threads)
                     starts[config].append(float("nan"))
                 else:
                     server = PeerServer(peer_dir, peer_max_len, os.path.join(os.path.dirname(peer_dir), "server.log"))
