@@ -179,7 +179,7 @@ def test_completion_with_image_counts_visual_tokens(client, tiny_checkpoints):
     assert half.usage.visual_tokens < out.usage.visual_tokens
 
 
-def test_vllm_time_breakdown(http, engine, timings_file):
+def test_time_breakdown_when_timings_on(http, engine, timings_file):
     """SLIME_SERVE_TIMINGS on: each answer carries where its time went (our marks + vLLM's own timestamps, back to
     back), and the timings file has the multimodal processor (replica) and the visual encoder (engine core)."""
     from pipelines.serve import timings

@@ -25,7 +25,7 @@ def test_peer_is_a_llava_next_of_our_llm_and_tiny_tower(tmp_path):
     assert (cfg.vision_config.image_size, cfg.vision_config.hidden_size) == (56, 32)
     assert (cfg.text_config.hidden_size, cfg.text_config.num_hidden_layers) == (64, 2)
     with safe_open(f"{out}/model.safetensors", "pt") as f:
-        tower = [k for k in f.keys() if k.startswith("vision_tower.")]
+        tower = [k for k in f.keys() if k.startswith("vision_tower.")]  # noqa: SIM118 - safe_open is no dict
     assert tower and all(k.startswith("vision_tower.vision_model.") for k in tower)
     # base tile (4x4 patches) + the grid's patches unpadded to the aspect ratio, a newline per row: more for the
     # square 1344 px image (2x2 grid, 8x8 patches, 8 newlines: 16 + 64 + 8) than for 640x480
