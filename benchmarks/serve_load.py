@@ -511,7 +511,8 @@ def report(results: list[dict], args, starts: dict, errors: dict, peer_note: str
     cells = sorted({k for run in results for k in run},
                    key=lambda k: (CONFIGS.index(k[0]), k[1], k[2] or 1.0, k[3]))
     print(f"\n{args.max_tokens} new tokens, {args.duration:.0f} s per cell, {len(results)} run(s) interleaved, "
-          f"1 replica ({args.replica_cpus} CPU), medians over runs (min-max of output tok/s)")
+          f"1 replica ({args.replica_cpus} CPU), ceiling engine threads {args.ceiling_threads or 'all cores'}, "
+          "medians over runs (min-max of output tok/s)")
     print("start (deploy -> first answer), median s: " +
           ", ".join(f"{c} {statistics.median(v):.1f}" for c, v in starts.items() if v))
     print(f"{'config':>8} {'image':>9} {'gamma':>5} {'conc':>4} {'out tok/s':>9} {'(range)':>13} {'req/s':>6} "
