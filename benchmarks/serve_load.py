@@ -530,6 +530,20 @@ def report(results: list[dict], args, starts: dict, errors: dict, peer_note: str
               f"{f'{min(tok):.0f}-{max(tok):.0f}':>13} {med('rps'):>6.2f} {med('p50') * 1e3:>7.0f} "
               f"{med('p99') * 1e3:>7.0f} {med('tok_req'):>7.1f} {med('visual'):>6.0f} "
               f"{sum(r['n'] for r in rows):>5} {sum(r['failed'] for r in rows):>4}")
+    if any(k[0] == "peer" for k in cells):
+        print("\nagainst the peer (stock vLLM + LLaVA-NeXT), medians: output tok/s | p50 ms | visual tokens per request")
+        print(f"{'image':>9} {'conc':>4} {'ours g1.0':>22} {'ours g0.75':>22} {'peer':>22} {'tok/s ours/peer':>15}")
+        for image in IMAGES:
+            for conc in sorted({k[3] for k in cells}):
+                row = []
+                for key in (("vllm", image, None, conc), ("vllm", image, 0.75, conc), ("peer", image, None, conc)):
+                    rs = [run[key] for run in results if key in run and run[key].get("p50") is not None]
+                    row.append((statistics.median(r["tok_s"] for r in rs), statistics.median(r["p50"] for r in rs),
+                                rs[0]["visual"]) if rs else None)
+                fmt = [f"{t:>8.1f} | {p * 1e3:>5.0f} | {v if v is not None else '-':>3}" if x else f"{'-':>22}"
+                       for x in row for t, p, v in [x or (0, 0, None)]]
+                ratio_s = f"{row[0][0] / row[2][0]:.2f}" if row[0] and row[2] and row[2][0] else "-"
+                print(f"{image:>9} {conc:>4} {fmt[0]:>22} {fmt[1]:>22} {fmt[2]:>22} {ratio_s:>15}")
     if peer_note:
         print(f"peer: {peer_note}")
     for name, err in errors.items():

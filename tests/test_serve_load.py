@@ -47,6 +47,8 @@ def test_json_line_medians_ranges_and_nulls_with_reasons(capsys):
         runs.append({("hf", "640x480", None, 16): cell(hf, 2.0), ("vllm", "640x480", None, 16): cell(vllm, 1.0),
                      ("ceiling", "640x480", None, 16): cell(ceil, 0.9), ("hf", "640x480", None, 1): cell(20, 1.0 + i),
                      ("vllm", "640x480", None, 1): cell(25, 1.0), ("ceiling", "640x480", None, 1): cell(26, 0.8)})
+    runs[0][("peer", "1344x1344", None, 16)] = cell(50, 3.0)  # one peer cell of another image: printed, no ratio
+    runs[0][("vllm", "1344x1344", None, 16)] = cell(150, 1.5)
     out = sl.report(runs, args(3), {"hf": [1.0]}, {"peer": "RuntimeError: no server"}, None)
     line = json.loads(json.dumps(out))
     assert set(line) >= {"c16", "c1", "runs", "machine"} and line["runs"] == 3
@@ -57,4 +59,6 @@ def test_json_line_medians_ranges_and_nulls_with_reasons(capsys):
     assert line["c1"]["p50_vs_hf"] == pytest.approx(0.5)  # 1/1, 1/2, 1/3
     assert line["c16"]["vllm_vs_peer"] is None and "no server" in line["reasons"]["c16.vllm_vs_peer"]
     assert isinstance(line["machine"]["cpu"], str) and isinstance(line["machine"]["isa"], list)
-    assert "vllm_vs_ceiling" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "vllm_vs_ceiling" in printed
+    assert "1344x1344   16" in printed and "3.00" in printed.split("against the peer")[1]  # 150 / 50 tok/s
