@@ -1,67 +1,145 @@
-"""Serve throughput: the vLLM-backed app against today's HF app, side by side in one run.
+"""Serve throughput that reproduces: our vLLM app against the HF app, the engine's own ceiling and the stack a
+user would pick instead, each configuration run ``--runs`` times interleaved, medians and ranges of the ratios.
 
-Baseline: the HF ``Predictor`` app (``engine="hf"``, ``@serve.batch`` with max_batch_size 8). Both
-serve the same checkpoint (default: the tiny vision side with a width-512, 8-layer Llama) on one
-replica, the same 640x480 image and question, 32 new tokens, greedy (both engines give the same tokens:
-tests/test_vllm_parity.py). For concurrency 1, 4 and 16: output tokens/s, requests/s, p50 and p99
-latency, and the vLLM/HF ratios; plus each app's start time (deploy -> first answer). Targets: at
-concurrency 16 at least 2.5x the HF output tokens/s; at concurrency 1 a p50 no worse than 1.3x HF's.
-Run on demand, never in the test pass:
+Configurations (one at a time, so they never compete for the cores; the order repeats every run):
 
-    python benchmarks/serve_load.py [--model DIR|s3://...] [--duration 15] [--max-tokens 32]
+    hf        the HF ``Predictor`` app (``engine="hf"``, ``@serve.batch`` with max_batch_size 8)
+    vllm      our vLLM app (``engine="vllm"``): FastAPI ingress over an in-replica ``AsyncLLM``
+    ceiling   the same requests straight to the engine: an ``AsyncLLM`` in this process, built by
+              ``pipelines.serve.engine.async_engine`` with the endpoint's settings, given N concurrent
+              ``generate`` calls on prompts encoded before the clock starts (no HTTP, no image decode, no
+              encoding): the engine's own speed on this machine
+    peer      the same LLM as a LLaVA-NeXT model served by stock vLLM's own OpenAI server (below)
+
+All serve the same checkpoint (default: the tiny vision side with a width-512, 8-layer Llama), the same question
+about a 640x480 image, 32 new tokens, greedy. Cells: concurrency 1 and 16, closed-loop clients for ``--duration``
+seconds each: output tokens/s, requests/s, p50/p99 latency, visual tokens per request. The vLLM app and the peer
+are also measured on a 1344x1344 image, and the vLLM app at gamma 0.75 (the request's ``gamma`` field).
+
+The peer. ``LlavaNextForConditionalGeneration`` from transformers, built from its config with random weights and
+saved to a temporary directory with a processor, our tokenizer and a vicuna chat template (nothing downloaded):
+the same Llama (width 512, 8 layers, our vocabulary) and a CLIP tower of our tiny size (56 px, patch 14, width
+32, 4 layers). LLaVA-NeXT's default pinpoints are 336 px tiles in grids of 1x2, 2x1, 2x2, 3x1 and 1x3
+([[336, 672], [672, 336], [672, 672], [1008, 336], [336, 1008]]); with our 56 px tile they become
+[[56, 112], [112, 56], [112, 112], [168, 56], [56, 168]]: the same grid shapes, so the same choice of grid for a
+given aspect ratio, each tile 16 patches instead of 576. It is served by
+``python -m vllm.entrypoints.openai.api_server`` (vLLM's built-in llava_next), a subprocess this script starts,
+waits for (``/health``) and stops by its pid. Its image processor is transformers' slow (PIL)
+``LlavaNextImageProcessorPil``: the fast one needs torchvision, which this project does not install. For the same
+reason vLLM 0.32 cannot import its llava family here (its pixtral module imports a helper from transformers'
+torchvision-backed Pixtral image processor); in the peer's processes only, that one module name is pointed at
+transformers' PIL Pixtral module, which defines the same helper (``PEER_SITECUSTOMIZE``); nothing else is changed. Its requests send ``ignore_eos`` so that,
+like ours, every answer is 32 tokens (random weights may end early otherwise); the table shows tokens per request.
+Its visual tokens per request come from its processor (what vLLM expands ``<image>`` to).
+
+Ratios are computed per run (each run's configurations measured minutes apart, interleaved), then the median and
+the range over runs are printed. The last stdout line is one JSON object::
+
+    {"c16": {"vllm_vs_hf": R, "vllm_vs_ceiling": R, "vllm_vs_peer": R},
+     "c1": {"p50_vs_hf": R, "p50_vs_ceiling": R}, "runs": N, "machine": {"cpu": ..., "isa": [...]},
+     "range": {...the same keys, [min, max]...}, "reasons": {key: why it is null}}
+
+A ratio that cannot be computed (a configuration skipped or failed) is null with its reason. Run on demand, on a
+quiet machine, never in the test pass:
+
+    python benchmarks/serve_load.py --runs 3 [--duration 15] [--model DIR|s3://...] [--configs hf,vllm,ceiling,peer]
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import base64
+import contextlib
+import copy
 import io
+import json
+import math
 import os
-import socket
+import platform
+import signal
 import statistics
+import subprocess
+import sys
 import tempfile
 import threading
 import time
+import traceback
 
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
 os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
 
 APP = "slime-bench"
+QUESTION = "What colour is the circle?"
+IMAGES = {"640x480": (640, 480), "1344x1344": (1344, 1344)}
+MAIN_IMAGE = "640x480"
+CONFIGS = ("hf", "vllm", "ceiling", "peer")
 
 
-def png_url(w: int = 640, h: int = 480) -> str:
+# --------------------------------------------------------------------------- requests
+
+
+def png_url(w: int = 640, h: int = 480, shift: int = 0) -> str:
     from PIL import Image, ImageDraw
 
     img = Image.new("RGB", (w, h), (90, 140, 60))
-    ImageDraw.Draw(img).ellipse((200, 150, 320, 260), fill=(220, 40, 40))
+    x, y = w * 5 // 16 + shift, h * 5 // 16
+    ImageDraw.Draw(img).ellipse((x, y, x + w * 3 // 16, y + h // 4), fill=(220, 40, 40))
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
 
 
-def body(max_tokens: int) -> dict:
-    return {"messages": [{"role": "user", "content": [{"type": "text", "text": "What colour is the circle?"},
-                                                      {"type": "image_url", "image_url": {"url": png_url()}}]}],
-            "max_tokens": max_tokens, "temperature": 0}
+_URLS: dict[str, str] = {}
 
 
-def load(base_url: str, concurrency: int, duration_s: float, max_tokens: int) -> dict:
-    """``concurrency`` closed-loop clients for ``duration_s``: latency and output tokens of every success."""
+def body(max_tokens: int, image: str = MAIN_IMAGE, gamma: float | None = None, **extra) -> dict:
+    if image not in _URLS:
+        _URLS[image] = png_url(*IMAGES[image])
+    out = {"messages": [{"role": "user", "content": [{"type": "text", "text": QUESTION},
+                                                     {"type": "image_url", "image_url": {"url": _URLS[image]}}]}],
+           "max_tokens": max_tokens, "temperature": 0, **extra}
+    if gamma is not None:
+        out["gamma"] = gamma
+    return out
+
+
+def summarize(latencies: list[float], tokens: int, failed: int, elapsed: float, visual: float | None) -> dict:
+    if not latencies:
+        return {"tok_s": 0.0, "rps": 0.0, "p50": None, "p99": None, "n": 0, "failed": failed, "tok_req": None,
+                "visual": visual}
+    q = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else latencies * 99
+    return {"tok_s": tokens / elapsed, "rps": len(latencies) / elapsed, "p50": q[49], "p99": q[98],
+            "n": len(latencies), "failed": failed, "tok_req": tokens / len(latencies), "visual": visual}
+
+
+def load(base_url: str, concurrency: int, duration_s: float, payload: dict, path: str = "/v1/chat/completions",
+         visual: float | None = None, collect: list | None = None) -> dict:
+    """``concurrency`` closed-loop HTTP clients for ``duration_s``: latency and output tokens of every success
+    (``collect``: gets (client latency, the response's ``slime_timings``) of each)."""
     import httpx
 
-    payload = body(max_tokens)
-    latencies, tokens, failures, lock = [], [0], [0], threading.Lock()
+    latencies, tokens, failures, seen, lock = [], [0], [0], [visual], threading.Lock()
+    payloads, sent = (payload if isinstance(payload, list) else [payload]), [0]
     deadline = time.perf_counter() + duration_s
 
     def client():
         with httpx.Client(base_url=base_url, timeout=300) as c:
             while time.perf_counter() < deadline:
+                with lock:  # a list of payloads (distinct images): each request the next one
+                    one, sent[0] = payloads[sent[0] % len(payloads)], sent[0] + 1
                 t0 = time.perf_counter()
-                r = c.post("/v1/chat/completions", json=payload)
+                r = c.post(path, json=one)
                 with lock:
                     if r.status_code == 200:
                         latencies.append(time.perf_counter() - t0)
-                        tokens[0] += r.json()["usage"]["completion_tokens"]
+                        answer = r.json()
+                        usage = answer["usage"]
+                        if collect is not None:
+                            collect.append((latencies[-1], answer.get("slime_timings")))
+                        tokens[0] += usage["completion_tokens"]
+                        if usage.get("visual_tokens") is not None:
+                            seen[0] = usage["visual_tokens"]
                     else:
                         failures[0] += 1
 
@@ -71,13 +149,14 @@ def load(base_url: str, concurrency: int, duration_s: float, max_tokens: int) ->
         t.start()
     for t in threads:
         t.join()
-    elapsed = time.perf_counter() - start
-    q = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else latencies * 99
-    return {"tok_s": tokens[0] / elapsed, "rps": len(latencies) / elapsed, "p50": q[49], "p99": q[98],
-            "n": len(latencies), "failed": failures[0]}
+    return summarize(latencies, tokens[0], failures[0], time.perf_counter() - start, seen[0])
 
 
-def deploy(model: str, engine: str, base_url: str, max_tokens: int) -> float:
+# --------------------------------------------------------------------------- the configurations
+
+
+def deploy(model: str, engine: str, base_url: str, max_tokens: int, replica_cpus: float,
+           env: dict | None = None) -> float:
     """Deploy ``engine``'s app (replacing the previous one) -> seconds until it answered a request."""
     import httpx
     from ray import serve
@@ -85,18 +164,422 @@ def deploy(model: str, engine: str, base_url: str, max_tokens: int) -> float:
     from pipelines.serve.app import build_app
 
     # each engine gets only the settings it honours (build_app refuses the other's)
-    batching = dict(max_batch_size=8, batch_wait_timeout_s=0.01) if engine == "hf" else dict(max_num_seqs=16)
-    args = dict(model=model, model_id="bench", engine=engine, num_cpus=0.5, **batching,
-                max_ongoing_requests=32, max_tokens=max_tokens,
-                max_image_pixels=1_000_000,
-                autoscaling=dict(min_replicas=1, max_replicas=1, target_ongoing_requests=4))
-    if APP in serve.status().applications:
-        serve.delete(APP)  # one app at a time: the engines never compete for the two cores
+    batching = {"max_batch_size": 8, "batch_wait_timeout_s": 0.01} if engine == "hf" else {"max_num_seqs": 16}
+    args = {"model": model, "model_id": "bench", "engine": engine, "num_cpus": replica_cpus, **batching,
+            "max_ongoing_requests": 32, "max_tokens": max_tokens, "max_image_pixels": 2_000_000,
+            "autoscaling": {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 4}, "env": env or {}}
+    undeploy()
     t0 = time.perf_counter()
     serve.run(build_app(args), name=APP, route_prefix="/", blocking=False)
     r = httpx.post(f"{base_url}/v1/chat/completions", json=body(max_tokens), timeout=600)
     assert r.status_code == 200, r.text
     return time.perf_counter() - t0
+
+
+def undeploy() -> None:
+    from ray import serve
+
+    if APP in serve.status().applications:
+        serve.delete(APP)  # one configuration at a time: they never compete for the cores
+
+
+def http_cells(base: str, cells: list[tuple], duration: float, max_tokens: int, *, extra: dict | None = None,
+               visual: dict | None = None) -> dict:
+    out = {}
+    warmed, top = set(), max(c for *_, c in cells)
+    for image, gamma, conc in cells:
+        payload = body(max_tokens, image, gamma, **(extra or {}))
+        if (image, gamma) not in warmed:  # warm-up once per image/gamma at the top concurrency (caches, batch
+            warmed.add((image, gamma))    # shapes; a fresh server's first rounds are slow), not measured
+            load(base, top, min(3.0, duration), payload)
+        out[(image, gamma, conc)] = load(base, conc, duration, payload,
+                                         visual=(visual or {}).get(image))
+    return out
+
+
+def ceiling(model: str, cells: list[tuple], duration: float, max_tokens: int, threads: int | None = None) -> dict:
+    """The engine alone: an ``AsyncLLM`` in this process with the endpoint's settings (``ServeArgs`` defaults:
+    enforce_eager, max_num_seqs 16), given the endpoint's own prompts, encoded before the clock starts.
+    ``threads``: OMP_NUM_THREADS of its engine-core process (default: this process's, i.e. every core; a Serve
+    replica's engine core inherits Ray's OMP_NUM_THREADS = its num_cpus, at least 1)."""
+    from vllm.sampling_params import RequestOutputKind
+
+    from pipelines.serve import openai as oai
+    from pipelines.serve.engine import VllmChat, async_engine
+    from slime.predictor import RequestLimits
+
+    limits = RequestLimits(max_new_tokens=max_tokens, max_image_pixels=2_000_000)
+    chat = VllmChat(model, limits=limits)
+
+    async def run() -> dict:
+        from unittest import mock
+
+        env = {"OMP_NUM_THREADS": str(threads)} if threads else {}
+        with mock.patch.dict(os.environ, env):  # read by the engine-core process vLLM spawns now
+            engine = async_engine(model, max_num_seqs=16)
+        try:
+            out, counter = {}, [0]
+
+            async def one(prompt, params) -> int:
+                counter[0] += 1
+                final = None
+                # a fresh prompt dict and params per request, as the endpoint builds them (vLLM may mutate both)
+                fresh = {k: (v if k == "multi_modal_data" else copy.deepcopy(v)) for k, v in prompt.items()}
+                async for o in engine.generate(fresh, params.clone(), request_id=f"ceil-{counter[0]}"):
+                    final = o
+                return len(chat.completion_ids(final.outputs[0].token_ids))
+
+            for image, gamma, conc in cells:
+                _, req = await oai.read_chat(json.dumps(body(max_tokens, image, gamma)).encode(), limits, None)
+                prompt, info = chat.prompt(req)
+                # as the endpoint's non-streaming path asks: one choice, the final output only
+                params = chat.sampling_params(req, info, n=1, output_kind=RequestOutputKind.FINAL_ONLY)
+                await asyncio.gather(*(one(prompt, params) for _ in range(4)))  # warm-up
+                latencies, tokens = [], [0]
+                deadline = time.perf_counter() + duration
+
+                async def client(prompt=prompt, params=params, deadline=deadline, latencies=latencies, tokens=tokens):
+                    while time.perf_counter() < deadline:
+                        t0 = time.perf_counter()
+                        n = await one(prompt, params)  # awaited first: `+=` would read tokens[0] before it
+                        tokens[0] += n
+                        latencies.append(time.perf_counter() - t0)
+
+                start = time.perf_counter()
+                await asyncio.gather(*(client() for _ in range(conc)))
+                out[(image, gamma, conc)] = summarize(latencies, tokens[0], 0, time.perf_counter() - start,
+                                                      info["visual_tokens"])
+            return out
+        finally:
+            engine.shutdown()
+
+    return asyncio.run(run())
+
+
+# --------------------------------------------------------------------------- the peer: stock vLLM + LLaVA-NeXT
+
+TILE = 56  # our tiny CLIP's image size
+PINPOINTS = [[TILE * a, TILE * b] for a, b in ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3))]  # LLaVA-NeXT's shapes
+VICUNA = ("{% for m in messages %}{% if m['role'] == 'user' %}USER: {{ m['content'] }} {% else %}ASSISTANT: "
+          "{{ m['content'] }}</s>{% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}")
+
+
+def peer_model(model: str, out_dir: str) -> tuple[str, dict]:
+    """Our checkpoint's LLM shape (and tokenizer) as a random-weight LLaVA-NeXT with a CLIP of our tiny size ->
+    (directory, visual tokens per request for each benchmark image, from its processor)."""
+    from PIL import Image
+    from transformers import (
+        AutoTokenizer,
+        CLIPVisionConfig,
+        LlamaConfig,
+        LlavaNextConfig,
+        LlavaNextForConditionalGeneration,
+        LlavaNextImageProcessorPil,
+        LlavaNextProcessor,
+    )
+
+    from slime.checkpoint import load_config
+    from slime.storage import local_copy
+
+    local = local_copy(model)
+    cfg = load_config(local)
+    tok = AutoTokenizer.from_pretrained(os.path.join(local, "tokenizer"))
+    tok.chat_template = VICUNA
+    image_id = tok.convert_tokens_to_ids("<image>")
+    v, t = cfg.vision, cfg.llm
+    vision = CLIPVisionConfig(image_size=v.image_size, patch_size=v.patch_size, hidden_size=v.hidden_dim,
+                              intermediate_size=v.intermediate_dim, num_hidden_layers=v.num_layers,
+                              num_attention_heads=v.num_heads, projection_dim=v.hidden_dim)
+    text = LlamaConfig(hidden_size=t.hidden_dim, intermediate_size=t.intermediate_dim, num_hidden_layers=t.num_layers,
+                       num_attention_heads=t.num_heads, num_key_value_heads=t.num_kv_heads, vocab_size=len(tok),
+                       max_position_embeddings=t.max_position, bos_token_id=tok.bos_token_id,
+                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    config = LlavaNextConfig(vision_config=vision, text_config=text, image_token_index=image_id,
+                             image_grid_pinpoints=PINPOINTS, vision_feature_select_strategy="default",
+                             vision_feature_layer=-2, tie_word_embeddings=False)
+    import torch
+
+    torch.manual_seed(0)
+    LlavaNextForConditionalGeneration(config).to(torch.float32).save_pretrained(out_dir)
+    # transformers 5 writes the CLIP tower's weights as vision_tower.<module>; vLLM's llava_next loads the layout
+    # of the published LLaVA-NeXT checkpoints, vision_tower.vision_model.<module>
+    from safetensors.torch import load_file, save_file
+
+    weights = os.path.join(out_dir, "model.safetensors")
+    tensors = {(f"vision_tower.vision_model.{k[len('vision_tower.'):]}" if k.startswith("vision_tower.") and
+                not k.startswith("vision_tower.vision_model.") else k): v for k, v in load_file(weights).items()}
+    save_file(tensors, weights, metadata={"format": "pt"})
+    proc = LlavaNextProcessor(
+        image_processor=LlavaNextImageProcessorPil(size={"shortest_edge": TILE}, crop_size={"height": TILE, "width": TILE},
+                                                image_grid_pinpoints=PINPOINTS),
+        tokenizer=tok, patch_size=v.patch_size, vision_feature_select_strategy="default", image_token="<image>",
+        chat_template=VICUNA, num_additional_image_tokens=1)
+    proc.save_pretrained(out_dir)
+    tok.save_pretrained(out_dir)
+    visual = {}
+    for name, (w, h) in IMAGES.items():
+        enc = proc(images=Image.new("RGB", (w, h)), text=f"USER: <image>\n{QUESTION} ASSISTANT:", return_tensors="pt")
+        visual[name] = int((enc["input_ids"] == image_id).sum())
+    return out_dir, visual
+
+
+# vLLM 0.32's llava family imports ``_num_image_tokens`` from transformers' torchvision-backed Pixtral image
+# processor module (models/pixtral.py), so stock vLLM cannot load LLaVA-NeXT without torchvision, which this project
+# keeps out. In the peer's processes only (a sitecustomize on its PYTHONPATH, inherited by the engine core it
+# spawns), that module name resolves to transformers' own PIL Pixtral module, which defines the same function.
+# Nothing else changes: LLaVA-NeXT's processor, model and vLLM server are stock.
+PEER_SITECUSTOMIZE = """
+import importlib
+import importlib.abc
+import importlib.util
+import sys
+
+_NAME = "transformers.models.pixtral.image_processing_pixtral"
+_PIL = "transformers.models.pixtral.image_processing_pil_pixtral"
+
+
+class _PilPixtral(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    def find_spec(self, name, path=None, target=None):
+        if name != _NAME or importlib.util.find_spec("torchvision") is not None:
+            return None
+        return importlib.util.spec_from_loader(name, self)
+
+    def create_module(self, spec):
+        return importlib.import_module(_PIL)
+
+    def exec_module(self, module):
+        pass
+
+
+sys.meta_path.insert(0, _PilPixtral())
+"""
+
+
+class PeerServer:
+    """Stock vLLM's OpenAI server on ``model_dir``, a subprocess on a free 127.0.0.1 port, stopped by its pid."""
+
+    def __init__(self, model_dir: str, max_len: int, log_path: str) -> None:
+        from pipelines.serve.ingress import free_port
+
+        self.port = free_port()
+        self.base = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
+               "--served-model-name", "peer", "--host", "127.0.0.1", "--port", str(self.port),
+               "--dtype", "float32", "--max-model-len", str(max_len), "--max-num-seqs", "16", "--enforce-eager",
+               "--seed", "0", "--limit-mm-per-prompt", json.dumps({"image": 1}), "--disable-uvicorn-access-log"]
+        shim = os.path.join(os.path.dirname(log_path), "peer_site")
+        os.makedirs(shim, exist_ok=True)
+        with open(os.path.join(shim, "sitecustomize.py"), "w") as f:
+            f.write(PEER_SITECUSTOMIZE)
+        path = os.pathsep.join(p for p in (shim, os.environ.get("PYTHONPATH")) if p)
+        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
+               "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "HF_HUB_OFFLINE": "1", "PYTHONPATH": path}
+        self.log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
+        t0 = time.perf_counter()
+        self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.wait_ready(600)
+        self.start_s = time.perf_counter() - t0
+
+    def wait_ready(self, timeout: float) -> None:
+        import httpx
+
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"vLLM's server exited with {self.proc.returncode} (log: {self.log.name})")
+            try:
+                if httpx.get(f"{self.base}/health", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.5)  # polling a condition with a deadline
+        raise TimeoutError(f"vLLM's server not ready in {timeout} s (log: {self.log.name})")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGTERM)  # its own session: the server and the engine core it spawned
+            try:
+                self.proc.wait(60)
+            except subprocess.TimeoutExpired:
+                os.killpg(self.proc.pid, signal.SIGKILL)
+                self.proc.wait()
+        self.log.close()
+
+
+# --------------------------------------------------------------------------- where a request's time goes
+
+STEPS = [  # (row, source): the handler's own spans and vLLM's timestamps per request, the timings file per call
+    ("HTTP + Serve proxy + ingress", "http"), ("read body", "read_body"), ("parse JSON + checks", "parse"),
+    ("image decode (base64 + PNG)", "image_decode"), ("our encoding (ChatEncoder)", "encode"),
+    ("submit -> engine core queued", "to_engine"), ("  of which vLLM multimodal processor", "mm_processor"),
+    ("queue (queued -> scheduled)", "queue"), ("prefill (scheduled -> 1st token)", "prefill"),
+    ("  of which vision+connector+compressor+selector", "visual"), ("decode steps (1st -> last token)", "decode"),
+    ("output: detokenise, back to handler", "output"), ("build response", "respond"),
+]
+
+
+def breakdown(model: str, base: str, concs: list[int], duration: float, max_tokens: int, replica_cpus: float) -> dict:
+    """Our vLLM app with ``SLIME_SERVE_TIMINGS`` on (``pipelines.serve.timings``): mean seconds per request of every
+    step, per concurrency. The HTTP row is the client's latency minus the handler's own time."""
+    from pipelines.serve import timings
+
+    path = os.path.join(tempfile.mkdtemp(), "timings.txt")
+    same = body(max_tokens)
+    # distinct images (the circle moved by a pixel each): vLLM's encoder and prefix caches cannot answer from a
+    # previous request, as with real traffic; 400 > requests a cell can finish, so none repeats
+    distinct = [{**same, "messages": [{"role": "user", "content": [
+        {"type": "text", "text": QUESTION},
+        {"type": "image_url", "image_url": {"url": png_url(*IMAGES[MAIN_IMAGE], shift=i + 1)}}]}]} for i in range(400)]
+    deploy(model, "vllm", base, max_tokens, replica_cpus, env={timings.ENV: path})
+    try:
+        load(base, 4, min(3.0, duration), same)  # warm-up, not measured
+        out = {}
+        for conc, images in [(c, kind) for kind in ("same", "distinct") for c in concs]:
+            open(path, "w").close()  # this cell's per-call lines only
+            got: list = []
+            stats = load(base, conc, duration, same if images == "same" else distinct, collect=got)
+            rows = [t for _, t in got if t]
+            per_call = timings.read(path)
+            n = max(len(rows), 1)
+            cell = {k: statistics.fmean(r.get(k, 0.0) for r in rows) if rows else None
+                    for k in ("read_body", "parse", "image_decode", "encode", "to_engine", "queue", "prefill", "decode",
+                              "output", "respond", "handler")}
+            cell["http"] = statistics.fmean(lat - (t or {}).get("handler", 0.0) for lat, t in got) if got else None
+            cell["mm_processor"] = per_call.get("mm_processor", (0.0, 0, 0))[0] / n
+            total, calls, _ = per_call.get("visual", (0.0, 0, 0))
+            cell["visual"] = total / n
+            cell["visual_calls_per_request"] = calls / n
+            cell["latency"] = statistics.fmean(lat for lat, _ in got) if got else None
+            cell["tok_s"], cell["n"] = stats["tok_s"], len(rows)
+            out[f"c{conc}-{images}"] = cell
+        return out
+    finally:
+        undeploy()
+
+
+def print_breakdown(cells: dict) -> None:
+    concs = list(cells)
+    print("\nper-request time breakdown, our vLLM app, 640x480, mean ms per request (timings on: "
+          "pipelines/serve/timings.py); same = one image repeated, distinct = a new image every request")
+    print(f"{'step':<48}" + "".join(f"{c:>14}" for c in concs))
+    for label, key in STEPS + [("client latency (total)", "latency")]:
+        vals = [cells[c].get(key) for c in concs]
+        print(f"{label:<48}" + "".join(f"{v * 1e3:>14.1f}" if v is not None else f"{'-':>14}" for v in vals))
+    print(f"{'output tok/s':<48}" + "".join(f"{cells[c]['tok_s']:>14.1f}" for c in concs))
+    print(f"{'visual encoder calls per request':<48}" +
+          "".join(f"{cells[c]['visual_calls_per_request']:>14.2f}" for c in concs))
+    print(f"{'requests':<48}" + "".join(f"{cells[c]['n']:>14}" for c in concs))
+    print("(vLLM's timestamps: queued/scheduled/first/last token from RequestOutput.metrics, disable_log_stats=False; "
+          "calls < 1 per request: vLLM's encoder cache reused an identical image + question)")
+
+
+# --------------------------------------------------------------------------- reporting
+
+
+def machine() -> dict:
+    cpu, flags = platform.processor() or platform.machine(), []
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name") and cpu in ("", platform.machine(), platform.processor()):
+                    cpu = line.split(":", 1)[1].strip()
+                if line.startswith(("flags", "Features")):
+                    flags = line.split(":", 1)[1].split()
+                    break
+    except OSError:
+        pass
+    wanted = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_bf16",
+              "amx_int8", "asimd", "sve")
+    return {"cpu": cpu, "isa": [f for f in wanted if f in flags], "cores": os.cpu_count()}
+
+
+def ratio(results: list[dict], key_a: tuple, key_b: tuple, field: str,
+          errors: dict) -> tuple[list[float], str | None]:
+    """Per-run ratios a/b of ``field`` (runs where both were measured), and why there are none."""
+    vals, why = [], None
+    for run in results:
+        a, b = run.get(key_a), run.get(key_b)
+        if a is None or b is None:
+            config = key_a[0] if a is None else key_b[0]
+            why = f"{config} did not run: {errors.get(config, 'not in --configs')}"
+        elif not a.get(field) or not b.get(field):
+            why = f"no successful requests in {key_a if not a.get(field) else key_b}"
+        else:
+            vals.append(a[field] / b[field])
+    return vals, None if vals else (why or "no runs")
+
+
+def report(results: list[dict], args, starts: dict, errors: dict, peer_note: str | None) -> dict:
+    cells = sorted({k for run in results for k in run},
+                   key=lambda k: (CONFIGS.index(k[0]), k[1], k[2] or 1.0, k[3]))
+    print(f"\n{args.max_tokens} new tokens, {args.duration:.0f} s per cell, {len(results)} run(s) interleaved, "
+          f"1 replica ({args.replica_cpus} CPU), ceiling engine threads {args.ceiling_threads or 'all cores'}, "
+          "medians over runs (min-max of output tok/s)")
+    print("start (deploy -> first answer), median s: " +
+          ", ".join(f"{c} {statistics.median(v):.1f}" for c, v in starts.items() if v))
+    print(f"{'config':>8} {'image':>9} {'gamma':>5} {'conc':>4} {'out tok/s':>9} {'(range)':>13} {'req/s':>6} "
+          f"{'p50 ms':>7} {'p99 ms':>7} {'tok/req':>7} {'visual':>6} {'n':>5} {'fail':>4}")
+    for key in cells:
+        rows = [run[key] for run in results if key in run]
+        tok = [r["tok_s"] for r in rows]
+
+        def med(field, rows=rows):
+            vals = [r[field] for r in rows if r.get(field) is not None]
+            return statistics.median(vals) if vals else float("nan")
+
+        gamma = "-" if key[2] is None else f"{key[2]:g}"
+        print(f"{key[0]:>8} {key[1]:>9} {gamma:>5} {key[3]:>4} {statistics.median(tok):>9.1f} "
+              f"{f'{min(tok):.0f}-{max(tok):.0f}':>13} {med('rps'):>6.2f} {med('p50') * 1e3:>7.0f} "
+              f"{med('p99') * 1e3:>7.0f} {med('tok_req'):>7.1f} {med('visual'):>6.0f} "
+              f"{sum(r['n'] for r in rows):>5} {sum(r['failed'] for r in rows):>4}")
+    if any(k[0] == "peer" for k in cells):
+        print("\nagainst the peer (stock vLLM + LLaVA-NeXT), medians: output tok/s | p50 ms | visual tokens per request")
+        print(f"{'image':>9} {'conc':>4} {'ours g1.0':>22} {'ours g0.75':>22} {'peer':>22} {'tok/s ours/peer':>15}")
+        for image in IMAGES:
+            for conc in sorted({k[3] for k in cells}):
+                row = []
+                for key in (("vllm", image, None, conc), ("vllm", image, 0.75, conc), ("peer", image, None, conc)):
+                    rs = [run[key] for run in results if key in run and run[key].get("p50") is not None]
+                    row.append((statistics.median(r["tok_s"] for r in rs), statistics.median(r["p50"] for r in rs),
+                                rs[0]["visual"]) if rs else None)
+                fmt = [f"{t:>8.1f} | {p * 1e3:>5.0f} | {v if v is not None else '-':>3}" if x else f"{'-':>22}"
+                       for x in row for t, p, v in [x or (0, 0, None)]]
+                ratio_s = f"{row[0][0] / row[2][0]:.2f}" if row[0] and row[2] and row[2][0] else "-"
+                print(f"{image:>9} {conc:>4} {fmt[0]:>22} {fmt[1]:>22} {fmt[2]:>22} {ratio_s:>15}")
+    if peer_note:
+        print(f"peer: {peer_note}")
+    for name, err in errors.items():
+        print(f"{name}: not measured: {err}")
+
+    def cell(cfg, conc, image=MAIN_IMAGE):
+        return (cfg, image, None, conc)
+
+    specs = {"c16": {"vllm_vs_hf": (cell("vllm", 16), cell("hf", 16), "tok_s"),
+                     "vllm_vs_ceiling": (cell("vllm", 16), cell("ceiling", 16), "tok_s"),
+                     "vllm_vs_peer": (cell("vllm", 16), cell("peer", 16), "tok_s")},
+             "c1": {"p50_vs_hf": (cell("vllm", 1), cell("hf", 1), "p50"),
+                    "p50_vs_ceiling": (cell("vllm", 1), cell("ceiling", 1), "p50")}}
+    out = {"c16": {}, "c1": {}, "runs": len(results), "machine": machine(), "range": {"c16": {}, "c1": {}},
+           "reasons": {}}
+    print("\nratios (median of runs, [min, max]):")
+    for group, items in specs.items():
+        for name, (a, b, field) in items.items():
+            vals, why = ratio(results, a, b, field, errors)
+            if why:
+                out[group][name], out["range"][group][name] = None, None
+                out["reasons"][f"{group}.{name}"] = why
+                print(f"  {group} {name}: null ({why})")
+            else:
+                out[group][name] = round(statistics.median(vals), 3)
+                out["range"][group][name] = [round(min(vals), 3), round(max(vals), 3)]
+                print(f"  {group} {name}: {out[group][name]:.2f} [{min(vals):.2f}, {max(vals):.2f}]")
+    c16, c1 = out["c16"], out["c1"]
+    print("targets (issue 23): c16 vllm/ceiling >= 0.8: {}, c16 vllm/hf >= 3: {}, c1 p50 vllm/ceiling <= 1.15: {}".format(
+        c16["vllm_vs_ceiling"], c16["vllm_vs_hf"], c1["p50_vs_ceiling"]))
+    return out
+
+
+# --------------------------------------------------------------------------- main
 
 
 def bench_model(width: int, layers: int) -> str:
@@ -113,45 +596,106 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="checkpoint dir or s3:// URI (default: a fresh width-512 / 8-layer one)")
     parser.add_argument("--duration", type=float, default=15.0, help="seconds per cell")
+    parser.add_argument("--runs", type=int, default=3, help="rounds of every configuration, interleaved")
     parser.add_argument("--max-tokens", type=int, default=32)
+    parser.add_argument("--configs", default=",".join(CONFIGS), help=f"subset of {','.join(CONFIGS)}")
+    parser.add_argument("--concurrency", default="1,16", help="client counts per cell (1 and 16 feed the JSON)")
     parser.add_argument("--num-cpus", type=int, default=4, help="logical CPUs for the embedded Ray")
+    parser.add_argument("--replica-cpus", type=float, default=0.5, help="num_cpus of the serving replica")
+    parser.add_argument("--ceiling-threads", type=int, default=None,
+                        help="OMP threads of the ceiling's engine (default: all cores; 1 = what a 0.5-CPU replica gets)")
+    parser.add_argument("--breakdown", action="store_true",
+                        help="only the per-request time breakdown of our vLLM app (timings on), at --concurrency")
     parser.add_argument("--llm-width", type=int, default=512)
     parser.add_argument("--llm-layers", type=int, default=8)
     args = parser.parse_args()
+    configs = [] if args.breakdown else [c for c in CONFIGS if c in args.configs.split(",")]
+    concs = [int(c) for c in args.concurrency.split(",")]
 
     import ray
     from ray import serve
 
+    from pipelines.serve.ingress import free_port
+
     model = args.model or bench_model(args.llm_width, args.llm_layers)
+    print(f"model {model}; configurations {configs}; concurrency {concs}; {args.runs} run(s)", flush=True)
+    main_cells = [(MAIN_IMAGE, None, c) for c in concs]
+    vllm_cells = main_cells + [(img, g, c) for img in IMAGES for g in (None, 0.75) for c in concs
+                               if (img, g) != (MAIN_IMAGE, None)]
+    peer_cells = [(img, None, c) for img in IMAGES for c in concs]
+
+    peer_dir, peer_visual, peer_note = None, {}, None
+    if "peer" in configs:
+        try:
+            from slime.checkpoint import load_config
+            from slime.storage import local_copy
+
+            peer_dir, peer_visual = peer_model(model, os.path.join(tempfile.mkdtemp(), "llava-next-peer"))
+            peer_max_len = load_config(local_copy(model)).llm.max_position
+            peer_note = (f"LLaVA-NeXT {peer_dir}, pinpoints {PINPOINTS}, visual tokens per request {peer_visual} "
+                         "(slow LlavaNextImageProcessorPil: the fast one needs torchvision)")
+        except Exception as e:  # noqa: BLE001 - the rest still runs; the JSON says why the peer ratio is null
+            traceback.print_exc()
+            configs.remove("peer")
+            peer_note = f"could not build the LLaVA-NeXT peer: {type(e).__name__}: {e}"
+
     ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     base = f"http://127.0.0.1:{port}"
+    if args.breakdown:
+        cells = breakdown(model, base, concs, args.duration, args.max_tokens, args.replica_cpus)
+        print_breakdown(cells)
+        serve.shutdown()
+        ray.shutdown()
+        print(json.dumps({"breakdown_ms": {c: {k: (round(v * 1e3, 2) if isinstance(v, float) and k not in
+                                                            ("tok_s", "visual_calls_per_request") else v)
+                                                        for k, v in cell.items()} for c, cell in cells.items()},
+                          "machine": machine()}), flush=True)
+        return
 
-    results: dict[tuple[str, int], dict] = {}
-    starts: dict[str, float] = {}
-    for engine in ("hf", "vllm"):
-        starts[engine] = deploy(model, engine, base, args.max_tokens)
-        load(base, 4, 3.0, args.max_tokens)  # warm-up, not measured
-        for conc in (1, 4, 16):
-            results[(engine, conc)] = load(base, conc, args.duration, args.max_tokens)
-
-    print(f"\nmodel {model}, {args.max_tokens} new tokens, {args.duration:.0f} s per cell, 1 replica, 640x480 image")
-    print("start (deploy -> first answer): " + ", ".join(f"{e} {s:.1f} s" for e, s in starts.items()))
-    print(f"{'engine':>6} {'conc':>4} {'out tok/s':>9} {'req/s':>7} {'p50 ms':>7} {'p99 ms':>7} {'n':>5} {'fail':>4} "
-          f"{'tok/s x':>7} {'p50 x':>6}")
-    for (engine, conc), r in results.items():
-        hf = results[("hf", conc)]
-        print(f"{engine:>6} {conc:>4} {r['tok_s']:>9.1f} {r['rps']:>7.2f} {r['p50'] * 1e3:>7.0f} {r['p99'] * 1e3:>7.0f} "
-              f"{r['n']:>5} {r['failed']:>4} {r['tok_s'] / hf['tok_s']:>7.2f} {r['p50'] / hf['p50']:>6.2f}")
-    v16, h16 = results[("vllm", 16)], results[("hf", 16)]
-    v1, h1 = results[("vllm", 1)], results[("hf", 1)]
-    print(f"\ntargets: c=16 output tok/s {v16['tok_s'] / h16['tok_s']:.2f}x HF (want >= 2.5); "
-          f"c=1 p50 {v1['p50'] / h1['p50']:.2f}x HF (want <= 1.3)")
+    results: list[dict] = []
+    starts: dict[str, list[float]] = {c: [] for c in configs}
+    errors: dict[str, str] = {}
+    if peer_note and "peer" not in configs:
+        errors["peer"] = peer_note
+    for run in range(args.runs):
+        got: dict = {}
+        for config in configs:
+            print(f"run {run + 1}/{args.runs}: {config}", flush=True)
+            t0 = time.perf_counter()
+            try:
+                if config in ("hf", "vllm"):
+                    starts[config].append(deploy(model, config, base, args.max_tokens, args.replica_cpus))
+                    cells = main_cells if config == "hf" else vllm_cells
+                    res = http_cells(base, cells, args.duration, args.max_tokens)
+                    undeploy()
+                elif config == "ceiling":
+                    res = ceiling(model, main_cells, args.duration, args.max_tokens, args.ceiling_threads)
+                    starts[config].append(float("nan"))
+                else:
+                    server = PeerServer(peer_dir, peer_max_len, os.path.join(os.path.dirname(peer_dir), "server.log"))
+                    try:
+                        starts[config].append(server.start_s)
+                        res = http_cells(server.base, peer_cells, args.duration, args.max_tokens,
+                                         extra={"model": "peer", "ignore_eos": True}, visual=peer_visual)
+                    finally:
+                        server.stop()
+                got.update({(config, *k): v for k, v in res.items()})
+            except Exception as e:  # noqa: BLE001 - one configuration failing leaves the others' numbers (and a null + reason)
+                traceback.print_exc()
+                errors[config] = f"{type(e).__name__}: {e}"
+                for k in [k for k in got if k[0] == config]:
+                    del got[k]
+                with contextlib.suppress(Exception):
+                    undeploy()
+            print(f"  {config} took {time.perf_counter() - t0:.0f} s", flush=True)
+        results.append(got)
+    starts = {c: [s for s in v if not math.isnan(s)] for c, v in starts.items()}
+    out = report(results, args, starts, errors, peer_note)
     serve.shutdown()
     ray.shutdown()
+    print(json.dumps(out), flush=True)
 
 
 if __name__ == "__main__":

@@ -40,9 +40,10 @@ def tiny_checkpoints(tmp_path_factory):
             str(save_tiny_checkpoint(root / "v2", seed=1, cfg=tiny_vllm())))
 
 
-def serve_args(model: str, engine: str, max_replicas: int = 2) -> dict:
+def serve_args(model: str, engine: str, max_replicas: int = 2, env: dict | None = None) -> dict:
     batching = dict(max_batch_size=4, batch_wait_timeout_s=0.05) if engine == "hf" else {}  # hf-only settings
     return dict(model=model, model_id=MODEL_ID, api_key=KEY, num_cpus=0.25, max_ongoing_requests=8, engine=engine,
+                env=env or {},
                 **batching, max_image_pixels=500_000, max_tokens=64,
                 autoscaling=dict(min_replicas=1, max_replicas=max_replicas, target_ongoing_requests=2,
                                  upscale_delay_s=1, downscale_delay_s=3, look_back_period_s=2, metrics_interval_s=0.5))
@@ -55,9 +56,15 @@ def engine(request) -> str:
 
 
 @pytest.fixture(scope="module")
-def server(ray_session, tiny_checkpoints, engine):
+def timings_file(tmp_path_factory) -> str:
+    return str(tmp_path_factory.mktemp("timings") / "timings.txt")
+
+
+@pytest.fixture(scope="module")
+def server(ray_session, tiny_checkpoints, engine, timings_file):
     from ray import serve
 
+    from pipelines.serve import timings
     from pipelines.serve.app import build_app
 
     with socket.socket() as s:
@@ -65,7 +72,9 @@ def server(ray_session, tiny_checkpoints, engine):
         port = s.getsockname()[1]
     serve.shutdown()  # an earlier module's Serve would keep its own HTTP port: start ours fresh
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(serve_args(tiny_checkpoints[0], engine)), name=APP, route_prefix="/", blocking=False)
+    # the vLLM app runs every test below with its (opt-in) per-request timings on: no feature may depend on them off
+    env = {timings.ENV: timings_file} if engine == "vllm" else {}
+    serve.run(build_app(serve_args(tiny_checkpoints[0], engine, env=env)), name=APP, route_prefix="/", blocking=False)
     yield f"http://127.0.0.1:{port}"
     serve.shutdown()
 
@@ -168,6 +177,28 @@ def test_completion_with_image_counts_visual_tokens(client, tiny_checkpoints):
                                           max_completion_tokens=4, extra_body={"gamma": 0.5})
     assert half.usage.visual_tokens == count_visual_tokens(64, 48, cfg, gamma=0.5).total_tokens
     assert half.usage.visual_tokens < out.usage.visual_tokens
+
+
+def test_time_breakdown_when_timings_on(http, engine, timings_file):
+    """SLIME_SERVE_TIMINGS on: each answer carries where its time went (our marks + vLLM's own timestamps, back to
+    back), and the timings file has the multimodal processor (replica) and the visual encoder (engine core)."""
+    from pipelines.serve import timings
+
+    if engine != "vllm":
+        pytest.skip("the timings instrument the vLLM serving path")
+    img = Image.new("RGB", (80, 60), (17, 201, 99))  # an image no other test sends: vLLM's caches cannot answer
+    buf = io.BytesIO()
+    img.save(buf, format="PNG")
+    url = "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
+    r = http.post("/v1/chat/completions", json=chat([{"type": "text", "text": "colour?"}, image_part(url)]))
+    assert r.status_code == 200, r.text
+    t = r.json()["slime_timings"]
+    steps = ("read_body", "parse", "image_decode", "encode", "to_engine", "queue", "prefill", "decode", "output",
+             "respond")
+    assert all(t[k] >= 0 for k in steps) and t["prefill"] > 0 and t["image_decode"] > 0
+    assert abs(sum(t[k] for k in steps) - t["handler"]) < 0.005  # consecutive spans: start -> ... -> end
+    per_call = timings.read(timings_file)
+    assert per_call["mm_processor"][1] >= 1 and per_call["visual"][2] >= 1
 
 
 def test_streaming_chunks_then_done(client, http):

@@ -158,7 +158,8 @@ def engine_kwargs(uri: str, *, visual_mode: VisualMode | None = None, enforce_ea
     return dict(model=str(model_dir(uri, visual_mode)), dtype=overrides.pop("dtype", None) or cfg.dtype,
                 max_model_len=cfg.llm.max_position, enforce_eager=enforce_eager, max_num_seqs=max_num_seqs,
                 enable_prefix_caching=prefix_caching, limit_mm_per_prompt={"image": 1}, seed=0,
-                disable_log_stats=True,
+                # vLLM's per-request timestamps (RequestOutput.metrics): off unless asked (pipelines.serve.timings)
+                disable_log_stats=overrides.pop("disable_log_stats", True),
                 # JSON output without free whitespace (engine-wide in vLLM): otherwise a small model can
                 # spend all of max_tokens on blanks inside an object.
                 structured_outputs_config=StructuredOutputsConfig(backend="xgrammar", disable_any_whitespace=True),

@@ -322,11 +322,14 @@ def models_body(model_id: str, adapters: list[str] = ()) -> dict:
                                           "parent": model_id} for name in adapters)]}
 
 
-async def read_chat(body: bytes, limits: RequestLimits, model_id: str | None) -> tuple[ParsedChat, Any]:
+async def read_chat(body: bytes, limits: RequestLimits, model_id: str | None,
+                    marks: dict | None = None) -> tuple[ParsedChat, Any]:
     """Body -> (the parsed request, a ``slime.predictor.ChatRequest`` with its images loaded). Both engines'
     ingresses call this, so they reject the same requests the same way. ``model_id`` None: the caller resolves
-    the request's ``model`` itself (an endpoint with adapters)."""
+    the request's ``model`` itself (an endpoint with adapters). ``marks`` (timings on): gets the monotonic
+    times parsing ended (``decode_start``) and the images were decoded (``decoded``)."""
     import asyncio
+    import time
 
     from slime.predictor import ChatRequest
 
@@ -334,7 +337,11 @@ async def read_chat(body: bytes, limits: RequestLimits, model_id: str | None) ->
     if model_id is not None and parsed.model not in (None, model_id):
         raise InputError(f"model {parsed.model!r} is not served here (serving {model_id!r})",
                          param="model", code="model_not_found", status=404)
+    if marks is not None:
+        marks["decode_start"] = time.monotonic()
     images = [await asyncio.to_thread(load_image, url, limits, param) for url, param in parsed.images]
+    if marks is not None:
+        marks["decoded"] = time.monotonic()
     return parsed, ChatRequest(**{**parsed.chat, "images": images})
 
 

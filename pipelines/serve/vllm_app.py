@@ -21,6 +21,7 @@ import hashlib
 import logging
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from fastapi import FastAPI, Request
@@ -29,6 +30,7 @@ from ray import serve
 from ray.serve.metrics import Counter, Histogram
 
 from pipelines.serve import openai as oai
+from pipelines.serve import timings
 from pipelines.serve.ingress import (ServeArgs, authorize, default_model_id, error_response, install_error_handlers,
                                      server_error)
 from slime.config import from_dict
@@ -102,8 +104,12 @@ class VllmServer:
         # CPU: one more slot for the null adapter base requests travel through (pipelines/serve/adapters.py)
         lora = ({"enable_lora": True, "max_loras": a.max_loras + cpu, "max_lora_rank": a.max_lora_rank,
                  "max_cpu_loras": (a.max_cpu_loras or a.max_loras) + cpu} if adapters or a.lora_dir else {})
+        # Encoding (template, tokenizer, tiling arithmetic) runs off the event loop, on one thread: the loop
+        # keeps reading bodies and streaming outputs meanwhile, and the tokenizer is never used by two threads.
+        self._encoder_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slime-encode")
         self.engine = async_engine(a.model, visual_mode=a.mode, enforce_eager=a.enforce_eager, max_num_seqs=a.max_num_seqs,
                                    **({"dtype": a.dtype} if a.dtype else {}),
+                                   disable_log_stats=not timings.enabled(),  # vLLM's per-request timestamps
                                    tensor_parallel_size=a.tensor_parallel_size, **lora)
         self.adapters = None
         if lora:
@@ -149,20 +155,28 @@ class VllmServer:
     @api.post("/v1/chat/completions")
     async def chat_completions(self, request: Request):
         start, status = time.perf_counter(), 500
+        marks = {"start": time.monotonic()} if timings.enabled() else None  # off by default: --breakdown only
         try:
             authorize(request, self.args.api_key)
-            parsed, req = await oai.read_chat(await request.body(), self.limits,
-                                              None if self.adapters else self.model_id)
+            raw = await request.body()
+            if marks is not None:
+                marks["body"] = time.monotonic()
+            parsed, req = await oai.read_chat(raw, self.limits, None if self.adapters else self.model_id, marks=marks)
             name, lora, req = await self._adapter(parsed.model, req)
             if parsed.stream:
                 response = await self._stream(req, parsed.include_usage, parsed.logprobs, name, lora)
                 status = 200
                 return response
-            usage, choices = await self._final(req, parsed.n, parsed.logprobs, parsed.response_format, lora)
+            usage, choices, metrics = await self._final(req, parsed.n, parsed.logprobs, parsed.response_format, lora,
+                                                        marks=marks)
             if usage.visual_tokens:  # ray.util.metrics Counter.inc rejects 0
                 self.m_visual.inc(usage.visual_tokens)
             status = 200
-            return JSONResponse(oai.completion_body(oai.new_id(), name, usage, self.fingerprint, choices))
+            body = oai.completion_body(oai.new_id(), name, usage, self.fingerprint, choices)
+            if marks is not None:
+                marks["end"] = time.monotonic()
+                body["slime_timings"] = timings.request_breakdown(marks, metrics)
+            return JSONResponse(body)
         except InputError as e:
             status = e.status
             return error_response(e)
@@ -189,11 +203,14 @@ class VllmServer:
             req = dataclasses.replace(req, gamma=float(gamma))
         return model, lora, req
 
-    def _submit(self, req: ChatRequest, n: int, logprobs: int | None, response_format, stream: bool, lora=None):
+    async def _submit(self, req: ChatRequest, n: int, logprobs: int | None, response_format, stream: bool, lora=None,
+                      marks: dict | None = None):
         """Encode (InputError on bad input) and start the request -> (async output iterator, info)."""
         from vllm.sampling_params import RequestOutputKind, StructuredOutputsParams
 
-        prompt, info = self.chat.prompt(req)
+        prompt, info = await asyncio.get_running_loop().run_in_executor(self._encoder_thread, self.chat.prompt, req)
+        if marks is not None:
+            marks["encoded"] = time.monotonic()
         extra = {"n": n, "output_kind": RequestOutputKind.DELTA if stream else RequestOutputKind.FINAL_ONLY}
         if logprobs is not None:
             extra["logprobs"] = logprobs
@@ -207,14 +224,17 @@ class VllmServer:
             raise InputError(f"the engine rejected the sampling settings: {e}", code="invalid_value") from None
         return self.engine.generate(prompt, params, request_id=uuid.uuid4().hex, lora_request=lora), info
 
-    async def _final(self, req, n, logprobs, response_format, lora=None) -> tuple[ChatResult, list[Choice]]:
-        outputs, info = self._submit(req, n, logprobs, response_format, stream=False, lora=lora)
+    async def _final(self, req, n, logprobs, response_format, lora=None, marks: dict | None = None):
+        """-> (usage, choices, vLLM's RequestStateStats or None)."""
+        outputs, info = await self._submit(req, n, logprobs, response_format, stream=False, lora=lora, marks=marks)
         final = None
         try:
             async for out in outputs:
                 final = out
         except ValueError as e:  # vLLM rejects what it cannot honour (e.g. an unsatisfiable schema)
             raise InputError(f"the engine rejected the request: {e}", code="invalid_value") from None
+        if marks is not None:
+            marks["final"] = time.monotonic()
         completions = sorted(final.outputs, key=lambda c: c.index)
         results = [self.chat.result(c, info) for c in completions]
         choices = [Choice(r.text, r.finish_reason, _logprobs(self.chat, c, logprobs) if logprobs is not None else None)
@@ -222,11 +242,11 @@ class VllmServer:
         usage = ChatResult(text="", finish_reason="", prompt_tokens=info["prompt_tokens"],
                            completion_tokens=sum(r.completion_tokens for r in results),
                            visual_tokens=info["visual_tokens"])
-        return usage, choices
+        return usage, choices, getattr(final, "metrics", None)
 
     async def _stream(self, req: ChatRequest, include_usage: bool, logprobs: int | None, name: str,
                       lora=None) -> StreamingResponse:
-        outputs, info = self._submit(req, 1, logprobs, None, stream=True, lora=lora)
+        outputs, info = await self._submit(req, 1, logprobs, None, stream=True, lora=lora)
         rid, created = oai.new_id(), int(time.time())
         # Pull the first output before answering 200, so an engine-side rejection is still a 4xx.
         try:

@@ -42,6 +42,7 @@ from vllm.model_executor.models.interfaces import MultiModalEmbeddings, Supports
 from vllm.model_executor.models.module_mapping import MultiModelKeys
 from vllm.model_executor.models.utils import AutoWeightsLoader, WeightsMapper, init_vllm_registered_model
 
+from pipelines.serve import timings
 from pipelines.serve.vllm_plugin import ARCHITECTURE, SlimeVllmConfig
 from slime.config import ModelConfig
 from slime.model import SlimeModel, build_visual_parts
@@ -145,7 +146,8 @@ class SlimeMultiModalProcessor(BaseMultiModalProcessor[SlimeProcessingInfo]):
         if ids is None:
             ids = derive_instruction_ids(list(inputs.prompt), cfg, self.info.get_tokenizer(), hf.image_token_id)
         kwargs.update(gamma=gamma, instruction_ids=[int(i) for i in ids])
-        return super().apply(dataclasses.replace(inputs, hf_processor_mm_kwargs=kwargs), timing_ctx)
+        with timings.timed("mm_processor"):  # free unless SLIME_SERVE_TIMINGS is set
+            return super().apply(dataclasses.replace(inputs, hf_processor_mm_kwargs=kwargs), timing_ctx)
 
     def _call_hf_processor(self, hf_data: Mapping[str, object], hf_kwargs: Mapping[str, object]) -> BatchFeature:
         processor = self.info.get_hf_processor()
@@ -261,8 +263,9 @@ class SlimeForConditionalGeneration(nn.Module, SupportsMultiModal, SupportsLoRA)
         table = self.slime.llm.get_input_embeddings()
         text = [table(i.to(pixel_values.device).long()) for i in ids]
         has_image = torch.ones(pixel_values.shape[0], dtype=torch.bool, device=pixel_values.device)
-        blocks = self.slime.visual_blocks(pixel_values, tile_mask.bool(), grid, has_image, text, self.mode, gammas,
-                                          forced_expert=None)
+        with timings.timed("visual", items=pixel_values.shape[0]):  # free unless SLIME_SERVE_TIMINGS is set
+            blocks = self.slime.visual_blocks(pixel_values, tile_mask.bool(), grid, has_image, text, self.mode,
+                                              gammas, forced_expert=None)
         return [tokens for tokens, *_ in blocks]
 
     def forward(self, input_ids: torch.Tensor | None, positions: torch.Tensor, intermediate_tensors=None,
