@@ -5,7 +5,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup harness mlflow demo test bench clean
+.PHONY: setup harness mlflow demo test test-extended bench clean
 
 # pip's own output (hundreds of lines of resolver notes and index warnings) goes to $(LOG), not the
 # console; a failing step prints the end of that log and where the rest is.
@@ -75,6 +75,9 @@ demo: setup mlflow
 
 test: setup harness mlflow
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q
+
+test-extended: setup harness mlflow   # the long fault-injection runs (multi-node, MLflow training runs): ~5 min
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q -m extended
 
 bench: setup
 	for b in benchmarks/*.py; do $(BIN)/python $$b || exit 1; done

@@ -22,7 +22,7 @@ from tests.conftest import start_embedded_ray
 
 CONFIGS = Path(__file__).resolve().parents[1] / "jobs" / "configs"
 GOLDEN = Path(__file__).resolve().parent / "assets" / "losses" / "tiny_ddp.json"
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.extended]  # ~3.5 min: make test-extended
 
 
 @pytest.fixture(scope="module")

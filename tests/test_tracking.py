@@ -89,6 +89,7 @@ def test_client_limits_reopen_and_failures(mlflow_server, artifact_bucket, tmp_p
     assert counts["failures"] >= 3 and counts["unsent"] == 1
 
 
+@pytest.mark.extended  # a Ray training run each: make test-extended
 @pytest.mark.integration
 def test_training_run_failed_and_rerun_is_one_mlflow_run(ray_session, shards, tmp_path, mlflow_server,  # noqa: F811
                                                          artifact_bucket):
@@ -287,6 +288,7 @@ def test_embedded_store_default_and_resume(shards, tmp_path):  # noqa: F811
     assert f"sqlite:///{tmp_path}/mlflow/mlflow.db" in done["ui"]
 
 
+@pytest.mark.extended  # a Ray training run each: make test-extended
 @pytest.mark.integration
 def test_server_stopped_mid_run_does_not_fail_the_run(ray_session, shards, tmp_path, mlflow_server):  # noqa: F811
     """The module's server, stopped once rank 0's step 2 reached it (so this test is the module's last: a
