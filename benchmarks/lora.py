@@ -200,14 +200,14 @@ async def serve_side(model_dir: str, work: str, trials: int, concurrency: int, m
 
 
 def learning(steps: int, seed: int, result: str | None = None) -> dict:
-    """The miniature's two variants; ``result``: the last stdout line of an earlier
+    """The miniature's two variants; ``result``: the JSON line of an earlier
     ``python -m benchmarks.learning --variants slime-g0.75,slime-g0.75-lora`` instead of training them here
     (accuracy does not depend on the machine's load, the timings of the other parts do)."""
     from benchmarks.learning import main as learning_main
 
     if result:
         with open(result) as f:
-            out = json.loads(f.read().strip().splitlines()[-1])
+            out = json.loads([line for line in f.read().splitlines() if line.startswith("{")][-1])
         steps, seed = out["steps"]["III"], out["seed"]
     else:
         out = learning_main(["--variants", "slime-g0.75,slime-g0.75-lora", "--steps", str(steps), "--seed", str(seed)])
