@@ -88,7 +88,16 @@ def test_ticks_retrain_evaluate_promote_and_roll_serve(ray_session, tmp_path):
     scheduler = Scheduler(cfg, runner, now=lambda: clock[0])
     registry = Registry(cfg.registry)
     port = _free_port()
-    serve.shutdown()  # start Serve with our port even if an earlier module left one running
+    # A fresh Ray for this test's Serve: after several Serve lifecycles in one session (serve.shutdown() at the end
+    # of each serving module), serve.start() once waited forever on the new controller's get_proxies (seen once,
+    # in a whole-suite run; py-spy: both sides idle).
+    import ray
+
+    from tests.conftest import start_embedded_ray
+
+    serve.shutdown()
+    ray.shutdown()
+    start_embedded_ray()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
 
     def served_fingerprint() -> str:
