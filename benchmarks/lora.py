@@ -41,12 +41,6 @@ FULL = ("projector", "global_adapter", "compressor", "llm")
 VISUAL = ("projector", "global_adapter", "compressor")
 
 
-def bench_model(root: str) -> str:
-    from benchmarks.serve_load import bench_model as serve_model  # the serving benchmark's model, same shape
-
-    return serve_model(512, 8) if root is None else root
-
-
 def train_rows(model_dir: str, work: str, n: int = 8) -> list[dict]:
     from benchmarks.train_overhead import samples
 
@@ -235,7 +229,9 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     work = tempfile.mkdtemp(prefix="slime-lora-bench-")
-    model_dir = bench_model(args.model)
+    from benchmarks.serve_load import bench_model  # the serving benchmark's model, same shape
+
+    model_dir = args.model or bench_model(512, 8)
     t0 = time.perf_counter()
     out = {"train": train(model_dir, work, args.trials, args.steps, args.warmup, args.batch)}
     print(f"train done in {time.perf_counter() - t0:.0f} s: {json.dumps(out['train'])}", flush=True)
