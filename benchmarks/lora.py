@@ -229,7 +229,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
     work = tempfile.mkdtemp(prefix="slime-lora-bench-")
-    from benchmarks.serve_load import bench_model  # the serving benchmark's model, same shape
+    from benchmarks.serve_parts import bench_model  # the serving benchmark's model, same shape
 
     model_dir = args.model or bench_model(512, 8)
     t0 = time.perf_counter()

@@ -42,368 +42,38 @@ the range over runs are printed. The last stdout line is one JSON object::
 A ratio that cannot be computed (a configuration skipped or failed) is null with its reason. Run on demand, on a
 quiet machine, never in the test pass:
 
-    python benchmarks/serve_load.py --runs 3 [--duration 15] [--model DIR|s3://...] [--configs hf,vllm,ceiling,peer]
+    python -m benchmarks.serve_load --runs 3 [--duration 15] [--model DIR|s3://...] [--configs hf,vllm,ceiling,peer]
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
-import base64
 import contextlib
-import copy
-import io
 import json
 import math
 import os
-import platform
-import signal
 import statistics
-import subprocess
-import sys
 import tempfile
-import threading
 import time
 import traceback
 
-os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-os.environ.setdefault("VLLM_CPU_NUM_OF_RESERVED_CPU", "0")
+from benchmarks.serve_parts import (
+    IMAGES,
+    MAIN_IMAGE,
+    QUESTION,
+    bench_model,
+    body,
+    ceiling,
+    deploy,
+    http_cells,
+    load,
+    machine,
+    png_url,
+    undeploy,
+)
+from benchmarks.serve_peer import PINPOINTS, PeerServer, peer_model
 
-APP = "slime-bench"
-QUESTION = "What colour is the circle?"
-IMAGES = {"640x480": (640, 480), "1344x1344": (1344, 1344)}
-MAIN_IMAGE = "640x480"
 CONFIGS = ("hf", "vllm", "ceiling", "peer")
-
-
-# --------------------------------------------------------------------------- requests
-
-
-def png_url(w: int = 640, h: int = 480, shift: int = 0) -> str:
-    from PIL import Image, ImageDraw
-
-    img = Image.new("RGB", (w, h), (90, 140, 60))
-    x, y = w * 5 // 16 + shift, h * 5 // 16
-    ImageDraw.Draw(img).ellipse((x, y, x + w * 3 // 16, y + h // 4), fill=(220, 40, 40))
-    buf = io.BytesIO()
-    img.save(buf, format="PNG")
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode()
-
-
-_URLS: dict[str, str] = {}
-
-
-def body(max_tokens: int, image: str = MAIN_IMAGE, gamma: float | None = None, **extra) -> dict:
-    if image not in _URLS:
-        _URLS[image] = png_url(*IMAGES[image])
-    out = {"messages": [{"role": "user", "content": [{"type": "text", "text": QUESTION},
-                                                     {"type": "image_url", "image_url": {"url": _URLS[image]}}]}],
-           "max_tokens": max_tokens, "temperature": 0, **extra}
-    if gamma is not None:
-        out["gamma"] = gamma
-    return out
-
-
-def summarize(latencies: list[float], tokens: int, failed: int, elapsed: float, visual: float | None) -> dict:
-    if not latencies:
-        return {"tok_s": 0.0, "rps": 0.0, "p50": None, "p99": None, "n": 0, "failed": failed, "tok_req": None,
-                "visual": visual}
-    q = statistics.quantiles(latencies, n=100) if len(latencies) > 1 else latencies * 99
-    return {"tok_s": tokens / elapsed, "rps": len(latencies) / elapsed, "p50": q[49], "p99": q[98],
-            "n": len(latencies), "failed": failed, "tok_req": tokens / len(latencies), "visual": visual}
-
-
-def load(base_url: str, concurrency: int, duration_s: float, payload: dict, path: str = "/v1/chat/completions",
-         visual: float | None = None, collect: list | None = None) -> dict:
-    """``concurrency`` closed-loop HTTP clients for ``duration_s``: latency and output tokens of every success
-    (``collect``: gets (client latency, the response's ``slime_timings``) of each)."""
-    import httpx
-
-    latencies, tokens, failures, seen, lock = [], [0], [0], [visual], threading.Lock()
-    payloads, sent = (payload if isinstance(payload, list) else [payload]), [0]
-    deadline = time.perf_counter() + duration_s
-
-    def client():
-        with httpx.Client(base_url=base_url, timeout=300) as c:
-            while time.perf_counter() < deadline:
-                with lock:  # a list of payloads (distinct images): each request the next one
-                    one, sent[0] = payloads[sent[0] % len(payloads)], sent[0] + 1
-                t0 = time.perf_counter()
-                r = c.post(path, json=one)
-                with lock:
-                    if r.status_code == 200:
-                        latencies.append(time.perf_counter() - t0)
-                        answer = r.json()
-                        usage = answer["usage"]
-                        if collect is not None:
-                            collect.append((latencies[-1], answer.get("slime_timings")))
-                        tokens[0] += usage["completion_tokens"]
-                        if usage.get("visual_tokens") is not None:
-                            seen[0] = usage["visual_tokens"]
-                    else:
-                        failures[0] += 1
-
-    start = time.perf_counter()
-    threads = [threading.Thread(target=client) for _ in range(concurrency)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    return summarize(latencies, tokens[0], failures[0], time.perf_counter() - start, seen[0])
-
-
-# --------------------------------------------------------------------------- the configurations
-
-
-def deploy(model: str, engine: str, base_url: str, max_tokens: int, replica_cpus: float,
-           env: dict | None = None) -> float:
-    """Deploy ``engine``'s app (replacing the previous one) -> seconds until it answered a request."""
-    import httpx
-    from ray import serve
-
-    from pipelines.serve.app import build_app
-
-    # each engine gets only the settings it honours (build_app refuses the other's)
-    batching = {"max_batch_size": 8, "batch_wait_timeout_s": 0.01} if engine == "hf" else {"max_num_seqs": 16}
-    args = {"model": model, "model_id": "bench", "engine": engine, "num_cpus": replica_cpus, **batching,
-            "max_ongoing_requests": 32, "max_tokens": max_tokens, "max_image_pixels": 2_000_000,
-            "autoscaling": {"min_replicas": 1, "max_replicas": 1, "target_ongoing_requests": 4}, "env": env or {}}
-    undeploy()
-    t0 = time.perf_counter()
-    serve.run(build_app(args), name=APP, route_prefix="/", blocking=False)
-    r = httpx.post(f"{base_url}/v1/chat/completions", json=body(max_tokens), timeout=600)
-    assert r.status_code == 200, r.text
-    return time.perf_counter() - t0
-
-
-def undeploy() -> None:
-    from ray import serve
-
-    if APP in serve.status().applications:
-        serve.delete(APP)  # one configuration at a time: they never compete for the cores
-
-
-def http_cells(base: str, cells: list[tuple], duration: float, max_tokens: int, *, extra: dict | None = None,
-               visual: dict | None = None) -> dict:
-    out = {}
-    warmed, top = set(), max(c for *_, c in cells)
-    for image, gamma, conc in cells:
-        payload = body(max_tokens, image, gamma, **(extra or {}))
-        if (image, gamma) not in warmed:  # warm-up once per image/gamma at the top concurrency (caches, batch
-            warmed.add((image, gamma))    # shapes; a fresh server's first rounds are slow), not measured
-            load(base, top, min(3.0, duration), payload)
-        out[(image, gamma, conc)] = load(base, conc, duration, payload,
-                                         visual=(visual or {}).get(image))
-    return out
-
-
-def ceiling(model: str, cells: list[tuple], duration: float, max_tokens: int, threads: int | None = None) -> dict:
-    """The engine alone: an ``AsyncLLM`` in this process with the endpoint's settings (``ServeArgs`` defaults:
-    enforce_eager, max_num_seqs 16), given the endpoint's own prompts, encoded before the clock starts.
-    ``threads``: OMP_NUM_THREADS of its engine-core process (default: this process's, i.e. every core; a Serve
-    replica's engine core inherits Ray's OMP_NUM_THREADS = its num_cpus, at least 1)."""
-    from vllm.sampling_params import RequestOutputKind
-
-    from pipelines.serve import openai as oai
-    from pipelines.serve.engine import VllmChat, async_engine
-    from slime.predictor import RequestLimits
-
-    limits = RequestLimits(max_new_tokens=max_tokens, max_image_pixels=2_000_000)
-    chat = VllmChat(model, limits=limits)
-
-    async def run() -> dict:
-        from unittest import mock
-
-        env = {"OMP_NUM_THREADS": str(threads)} if threads else {}
-        with mock.patch.dict(os.environ, env):  # read by the engine-core process vLLM spawns now
-            engine = async_engine(model, max_num_seqs=16)
-        try:
-            out, counter = {}, [0]
-
-            async def one(prompt, params) -> int:
-                counter[0] += 1
-                final = None
-                # a fresh prompt dict and params per request, as the endpoint builds them (vLLM may mutate both)
-                fresh = {k: (v if k == "multi_modal_data" else copy.deepcopy(v)) for k, v in prompt.items()}
-                async for o in engine.generate(fresh, params.clone(), request_id=f"ceil-{counter[0]}"):
-                    final = o
-                return len(chat.completion_ids(final.outputs[0].token_ids))
-
-            for image, gamma, conc in cells:
-                _, req = await oai.read_chat(json.dumps(body(max_tokens, image, gamma)).encode(), limits, None)
-                prompt, info = chat.prompt(req)
-                # as the endpoint's non-streaming path asks: one choice, the final output only
-                params = chat.sampling_params(req, info, n=1, output_kind=RequestOutputKind.FINAL_ONLY)
-                await asyncio.gather(*(one(prompt, params) for _ in range(4)))  # warm-up
-                latencies, tokens = [], [0]
-                deadline = time.perf_counter() + duration
-
-                async def client(prompt=prompt, params=params, deadline=deadline, latencies=latencies, tokens=tokens):
-                    while time.perf_counter() < deadline:
-                        t0 = time.perf_counter()
-                        n = await one(prompt, params)  # awaited first: `+=` would read tokens[0] before it
-                        tokens[0] += n
-                        latencies.append(time.perf_counter() - t0)
-
-                start = time.perf_counter()
-                await asyncio.gather(*(client() for _ in range(conc)))
-                out[(image, gamma, conc)] = summarize(latencies, tokens[0], 0, time.perf_counter() - start,
-                                                      info["visual_tokens"])
-            return out
-        finally:
-            engine.shutdown()
-
-    return asyncio.run(run())
-
-
-# --------------------------------------------------------------------------- the peer: stock vLLM + LLaVA-NeXT
-
-TILE = 56  # our tiny CLIP's image size
-PINPOINTS = [[TILE * a, TILE * b] for a, b in ((1, 2), (2, 1), (2, 2), (3, 1), (1, 3))]  # LLaVA-NeXT's shapes
-VICUNA = ("{% for m in messages %}{% if m['role'] == 'user' %}USER: {{ m['content'] }} {% else %}ASSISTANT: "
-          "{{ m['content'] }}</s>{% endif %}{% endfor %}{% if add_generation_prompt %}ASSISTANT:{% endif %}")
-
-
-def peer_model(model: str, out_dir: str) -> tuple[str, dict]:
-    """Our checkpoint's LLM shape (and tokenizer) as a random-weight LLaVA-NeXT with a CLIP of our tiny size ->
-    (directory, visual tokens per request for each benchmark image, from its processor)."""
-    from PIL import Image
-    from transformers import (
-        AutoTokenizer,
-        CLIPVisionConfig,
-        LlamaConfig,
-        LlavaNextConfig,
-        LlavaNextForConditionalGeneration,
-        LlavaNextImageProcessorPil,
-        LlavaNextProcessor,
-    )
-
-    from slime.checkpoint import load_config
-    from slime.storage import local_copy
-
-    local = local_copy(model)
-    cfg = load_config(local)
-    tok = AutoTokenizer.from_pretrained(os.path.join(local, "tokenizer"))
-    tok.chat_template = VICUNA
-    image_id = tok.convert_tokens_to_ids("<image>")
-    v, t = cfg.vision, cfg.llm
-    vision = CLIPVisionConfig(image_size=v.image_size, patch_size=v.patch_size, hidden_size=v.hidden_dim,
-                              intermediate_size=v.intermediate_dim, num_hidden_layers=v.num_layers,
-                              num_attention_heads=v.num_heads, projection_dim=v.hidden_dim)
-    text = LlamaConfig(hidden_size=t.hidden_dim, intermediate_size=t.intermediate_dim, num_hidden_layers=t.num_layers,
-                       num_attention_heads=t.num_heads, num_key_value_heads=t.num_kv_heads, vocab_size=len(tok),
-                       max_position_embeddings=t.max_position, bos_token_id=tok.bos_token_id,
-                       eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-    config = LlavaNextConfig(vision_config=vision, text_config=text, image_token_index=image_id,
-                             image_grid_pinpoints=PINPOINTS, vision_feature_select_strategy="default",
-                             vision_feature_layer=-2, tie_word_embeddings=False)
-    import torch
-
-    torch.manual_seed(0)
-    LlavaNextForConditionalGeneration(config).to(torch.float32).save_pretrained(out_dir)
-    # transformers 5 writes the CLIP tower's weights as vision_tower.<module>; vLLM's llava_next loads the layout
-    # of the published LLaVA-NeXT checkpoints, vision_tower.vision_model.<module>
-    from safetensors.torch import load_file, save_file
-
-    weights = os.path.join(out_dir, "model.safetensors")
-    tensors = {(f"vision_tower.vision_model.{k[len('vision_tower.'):]}" if k.startswith("vision_tower.") and
-                not k.startswith("vision_tower.vision_model.") else k): v for k, v in load_file(weights).items()}
-    save_file(tensors, weights, metadata={"format": "pt"})
-    proc = LlavaNextProcessor(
-        image_processor=LlavaNextImageProcessorPil(size={"shortest_edge": TILE}, crop_size={"height": TILE, "width": TILE},
-                                                image_grid_pinpoints=PINPOINTS),
-        tokenizer=tok, patch_size=v.patch_size, vision_feature_select_strategy="default", image_token="<image>",
-        chat_template=VICUNA, num_additional_image_tokens=1)
-    proc.save_pretrained(out_dir)
-    tok.save_pretrained(out_dir)
-    visual = {}
-    for name, (w, h) in IMAGES.items():
-        enc = proc(images=Image.new("RGB", (w, h)), text=f"USER: <image>\n{QUESTION} ASSISTANT:", return_tensors="pt")
-        visual[name] = int((enc["input_ids"] == image_id).sum())
-    return out_dir, visual
-
-
-# vLLM 0.32's llava family imports ``_num_image_tokens`` from transformers' torchvision-backed Pixtral image
-# processor module (models/pixtral.py), so stock vLLM cannot load LLaVA-NeXT without torchvision, which this project
-# keeps out. In the peer's processes only (a sitecustomize on its PYTHONPATH, inherited by the engine core it
-# spawns), that module name resolves to transformers' own PIL Pixtral module, which defines the same function.
-# Nothing else changes: LLaVA-NeXT's processor, model and vLLM server are stock.
-PEER_SITECUSTOMIZE = """
-import importlib
-import importlib.abc
-import importlib.util
-import sys
-
-_NAME = "transformers.models.pixtral.image_processing_pixtral"
-_PIL = "transformers.models.pixtral.image_processing_pil_pixtral"
-
-
-class _PilPixtral(importlib.abc.MetaPathFinder, importlib.abc.Loader):
-    def find_spec(self, name, path=None, target=None):
-        if name != _NAME or importlib.util.find_spec("torchvision") is not None:
-            return None
-        return importlib.util.spec_from_loader(name, self)
-
-    def create_module(self, spec):
-        return importlib.import_module(_PIL)
-
-    def exec_module(self, module):
-        pass
-
-
-sys.meta_path.insert(0, _PilPixtral())
-"""
-
-
-class PeerServer:
-    """Stock vLLM's OpenAI server on ``model_dir``, a subprocess on a free 127.0.0.1 port, stopped by its pid."""
-
-    def __init__(self, model_dir: str, max_len: int, log_path: str) -> None:
-        from pipelines.serve.ingress import free_port
-
-        self.port = free_port()
-        self.base = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model_dir,
-               "--served-model-name", "peer", "--host", "127.0.0.1", "--port", str(self.port),
-               "--dtype", "float32", "--max-model-len", str(max_len), "--max-num-seqs", "16", "--enforce-eager",
-               "--seed", "0", "--limit-mm-per-prompt", json.dumps({"image": 1}), "--disable-uvicorn-access-log"]
-        shim = os.path.join(os.path.dirname(log_path), "peer_site")
-        os.makedirs(shim, exist_ok=True)
-        with open(os.path.join(shim, "sitecustomize.py"), "w") as f:
-            f.write(PEER_SITECUSTOMIZE)
-        path = os.pathsep.join(p for p in (shim, os.environ.get("PYTHONPATH")) if p)
-        env = {**os.environ, "VLLM_CPU_KVCACHE_SPACE": os.environ.get("VLLM_CPU_KVCACHE_SPACE", "1"),
-               "VLLM_CPU_NUM_OF_RESERVED_CPU": "0", "HF_HUB_OFFLINE": "1", "PYTHONPATH": path}
-        self.log = open(log_path, "ab")  # noqa: SIM115 - closed in stop()
-        t0 = time.perf_counter()
-        self.proc = subprocess.Popen(cmd, env=env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
-        self.wait_ready(600)
-        self.start_s = time.perf_counter() - t0
-
-    def wait_ready(self, timeout: float) -> None:
-        import httpx
-
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"vLLM's server exited with {self.proc.returncode} (log: {self.log.name})")
-            try:
-                if httpx.get(f"{self.base}/health", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.5)  # polling a condition with a deadline
-        raise TimeoutError(f"vLLM's server not ready in {timeout} s (log: {self.log.name})")
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, signal.SIGTERM)  # its own session: the server and the engine core it spawned
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        self.log.close()
 
 
 # --------------------------------------------------------------------------- where a request's time goes
@@ -418,7 +88,8 @@ STEPS = [  # (row, source): the handler's own spans and vLLM's timestamps per re
 ]
 
 
-def breakdown(model: str, base: str, concs: list[int], duration: float, max_tokens: int, replica_cpus: float) -> dict:
+def breakdown(model: str, base: str, concs: list[int], duration: float, max_tokens: int, replica_cpus: float,
+              threads: int | None) -> dict:
     """Our vLLM app with ``SLIME_SERVE_TIMINGS`` on (``pipelines.serve.timings``): mean seconds per request of every
     step, per concurrency. The HTTP row is the client's latency minus the handler's own time."""
     from pipelines.serve import timings
@@ -430,7 +101,7 @@ def breakdown(model: str, base: str, concs: list[int], duration: float, max_toke
     distinct = [{**same, "messages": [{"role": "user", "content": [
         {"type": "text", "text": QUESTION},
         {"type": "image_url", "image_url": {"url": png_url(*IMAGES[MAIN_IMAGE], shift=i + 1)}}]}]} for i in range(400)]
-    deploy(model, "vllm", base, max_tokens, replica_cpus, env={timings.ENV: path})
+    deploy(model, "vllm", base, max_tokens, replica_cpus, threads, env={timings.ENV: path})
     try:
         load(base, 4, min(3.0, duration), same)  # warm-up, not measured
         out = {}
@@ -476,23 +147,6 @@ def print_breakdown(cells: dict) -> None:
 # --------------------------------------------------------------------------- reporting
 
 
-def machine() -> dict:
-    cpu, flags = platform.processor() or platform.machine(), []
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name") and cpu in ("", platform.machine(), platform.processor()):
-                    cpu = line.split(":", 1)[1].strip()
-                if line.startswith(("flags", "Features")):
-                    flags = line.split(":", 1)[1].split()
-                    break
-    except OSError:
-        pass
-    wanted = ("sse4_2", "avx", "avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_bf16",
-              "amx_int8", "asimd", "sve")
-    return {"cpu": cpu, "isa": [f for f in wanted if f in flags], "cores": os.cpu_count()}
-
-
 def ratio(results: list[dict], key_a: tuple, key_b: tuple, field: str,
           errors: dict) -> tuple[list[float], str | None]:
     """Per-run ratios a/b of ``field`` (runs where both were measured), and why there are none."""
@@ -513,7 +167,7 @@ def report(results: list[dict], args, starts: dict, errors: dict, peer_note: str
     cells = sorted({k for run in results for k in run},
                    key=lambda k: (CONFIGS.index(k[0]), k[1], k[2] or 1.0, k[3]))
     print(f"\n{args.max_tokens} new tokens, {args.duration:.0f} s per cell, {len(results)} run(s) interleaved, "
-          f"1 replica ({args.replica_cpus} CPU), ceiling engine threads {args.ceiling_threads or 'all cores'}, "
+          f"1 replica ({args.replica_cpus} CPU), model threads {args.threads} (hf, vllm and the ceiling alike), "
           "medians over runs (min-max of output tok/s)")
     print("start (deploy -> first answer), median s: " +
           ", ".join(f"{c} {statistics.median(v):.1f}" for c, v in starts.items() if v))
@@ -582,16 +236,6 @@ def report(results: list[dict], args, starts: dict, errors: dict, peer_note: str
 # --------------------------------------------------------------------------- main
 
 
-def bench_model(width: int, layers: int) -> str:
-    from slime.config import replace
-    from slime.presets import save_tiny_checkpoint, tiny
-
-    cfg = tiny()
-    cfg = replace(cfg, llm=replace(cfg.llm, hidden_dim=width, intermediate_dim=4 * width, num_layers=layers,
-                                   num_heads=width // 64, num_kv_heads=width // 64))
-    return str(save_tiny_checkpoint(os.path.join(tempfile.mkdtemp(), f"llm{width}x{layers}"), cfg=cfg))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", help="checkpoint dir or s3:// URI (default: a fresh width-512 / 8-layer one)")
@@ -602,8 +246,9 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,16", help="client counts per cell (1 and 16 feed the JSON)")
     parser.add_argument("--num-cpus", type=int, default=4, help="logical CPUs for the embedded Ray")
     parser.add_argument("--replica-cpus", type=float, default=0.5, help="num_cpus of the serving replica")
-    parser.add_argument("--ceiling-threads", type=int, default=None,
-                        help="OMP threads of the ceiling's engine (default: all cores; 1 = what a 0.5-CPU replica gets)")
+    parser.add_argument("--threads", type=int, default=os.cpu_count(),
+                        help="threads every configuration's model computes on (the replicas' cpu_threads, the "
+                             "ceiling's and the peer's engine; default: all cores, as a CPU node serving one replica)")
     parser.add_argument("--breakdown", action="store_true",
                         help="only the per-request time breakdown of our vLLM app (timings on), at --concurrency")
     parser.add_argument("--llm-width", type=int, default=512)
@@ -644,7 +289,7 @@ def main() -> None:
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     base = f"http://127.0.0.1:{port}"
     if args.breakdown:
-        cells = breakdown(model, base, concs, args.duration, args.max_tokens, args.replica_cpus)
+        cells = breakdown(model, base, concs, args.duration, args.max_tokens, args.replica_cpus, args.threads)
         print_breakdown(cells)
         serve.shutdown()
         ray.shutdown()
@@ -666,15 +311,17 @@ def main() -> None:
             t0 = time.perf_counter()
             try:
                 if config in ("hf", "vllm"):
-                    starts[config].append(deploy(model, config, base, args.max_tokens, args.replica_cpus))
+                    starts[config].append(deploy(model, config, base, args.max_tokens, args.replica_cpus,
+                                                 args.threads))
                     cells = main_cells if config == "hf" else vllm_cells
                     res = http_cells(base, cells, args.duration, args.max_tokens)
                     undeploy()
                 elif config == "ceiling":
-                    res = ceiling(model, main_cells, args.duration, args.max_tokens, args.ceiling_threads)
+                    res = ceiling(model, main_cells, args.duration, args.max_tokens, args.threads)
                     starts[config].append(float("nan"))
                 else:
-                    server = PeerServer(peer_dir, peer_max_len, os.path.join(os.path.dirname(peer_dir), "server.log"))
+                    server = PeerServer(peer_dir, peer_max_len, os.path.join(os.path.dirname(peer_dir), "server.log"),
+                                        threads=args.threads)
                     try:
                         starts[config].append(server.start_s)
                         res = http_cells(server.base, peer_cells, args.duration, args.max_tokens,
@@ -700,3 +347,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+

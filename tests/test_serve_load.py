@@ -9,6 +9,7 @@ import json
 import pytest
 
 from benchmarks import serve_load as sl
+from benchmarks.serve_peer import peer_model
 
 
 def test_peer_is_a_llava_next_of_our_llm_and_tiny_tower(tmp_path):
@@ -18,7 +19,7 @@ def test_peer_is_a_llava_next_of_our_llm_and_tiny_tower(tmp_path):
     from slime.presets import save_tiny_checkpoint, tiny_vllm
 
     model = str(save_tiny_checkpoint(tmp_path / "m", cfg=tiny_vllm()))
-    out, visual = sl.peer_model(model, str(tmp_path / "peer"))
+    out, visual = peer_model(model, str(tmp_path / "peer"))
     cfg = AutoConfig.from_pretrained(out)
     assert cfg.model_type == "llava_next" and cfg.image_grid_pinpoints == [[56, 112], [112, 56], [112, 112],
                                                                            [168, 56], [56, 168]]
@@ -33,7 +34,7 @@ def test_peer_is_a_llava_next_of_our_llm_and_tiny_tower(tmp_path):
 
 
 def args(runs: int) -> argparse.Namespace:
-    return argparse.Namespace(max_tokens=32, duration=1.0, replica_cpus=0.5, ceiling_threads=None, runs=runs)
+    return argparse.Namespace(max_tokens=32, duration=1.0, replica_cpus=0.5, threads=2, runs=runs)
 
 
 def cell(tok_s: float, p50: float) -> dict:

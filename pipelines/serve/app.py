@@ -27,6 +27,8 @@ import hashlib
 import logging
 import os
 import time
+
+import torch
 from concurrent.futures import ThreadPoolExecutor
 
 from fastapi import FastAPI, Request
@@ -61,6 +63,8 @@ class SlimeServer:
         self.limits = self.args.limits()
         a = self.args
         limits = self.limits  # one record: the HTTP layer and the encoder check the same numbers
+        if a.cpu_threads:
+            torch.set_num_threads(a.cpu_threads)  # Ray set this process's threads from num_cpus (at least 1)
         self.predictor = Predictor.load(a.model, device=a.device, dtype=a.dtype, limits=limits, mode=a.mode,
                                         model_id=a.model_id or default_model_id(a.model, local_copy(a.model)))
         self.model_id = self.predictor.model_id

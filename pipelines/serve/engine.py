@@ -240,12 +240,20 @@ def offline_engine(uri: str, *, in_process: bool = False, **kwargs):
         return LLM(**engine_kwargs(uri, **kwargs))
 
 
-def async_engine(uri: str, **kwargs):
-    """An ``AsyncLLM`` (serving): continuous batching across concurrent requests."""
+def async_engine(uri: str, cpu_threads: int | None = None, **kwargs):
+    """An ``AsyncLLM`` (serving): continuous batching across concurrent requests.
+
+    ``cpu_threads``: the OpenMP threads its engine-core process computes on (CPU backend). The spawned core reads
+    ``OMP_NUM_THREADS`` when it starts; unset, it inherits this process's, which Ray sets to a replica's
+    ``num_cpus`` (at least 1): a 0.5-CPU replica's engine computes on one thread whatever the node has."""
+    from unittest import mock
+
     from vllm.engine.arg_utils import AsyncEngineArgs
     from vllm.v1.engine.async_llm import AsyncLLM
 
-    return AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs(uri, **kwargs)))
+    env = {"OMP_NUM_THREADS": str(cpu_threads)} if cpu_threads else {}
+    with mock.patch.dict(os.environ, env):  # only while the core is spawned: this process keeps its own
+        return AsyncLLM.from_engine_args(AsyncEngineArgs(**engine_kwargs(uri, **kwargs)))
 
 
 class OfflineVllm:

@@ -76,6 +76,9 @@ class ServeArgs:
     mode: Literal["global", "local", "both"] | None = None
     num_cpus: float = 0.5
     num_gpus: float = 0.0
+    # CPU threads the model computes on (vLLM's engine core: OpenMP threads; hf: torch threads). Default: Ray's
+    # for the replica, num_cpus rounded down, at least 1. A CPU node serving one replica gives it its cores.
+    cpu_threads: int | None = None
     env: dict[str, str] = field(default_factory=dict)  # replica env vars (e.g. AWS_ENDPOINT_URL of an S3-compatible store)
     autoscaling: AutoscalingArgs = field(default_factory=AutoscalingArgs)
     max_ongoing_requests: int = 16  # per replica; Serve's default 5 would silently cap batches at 5
@@ -111,6 +114,8 @@ class ServeArgs:
         bad = sorted(set(self.allowed_url_schemes) - set(oai.URL_SCHEMES))
         if bad:
             raise ValueError(f"allowed_url_schemes: {bad} not in {list(oai.URL_SCHEMES)}")
+        if self.cpu_threads is not None and self.cpu_threads < 1:
+            raise ValueError(f"cpu_threads must be >= 1 (or unset), got {self.cpu_threads}")
         if self.num_cpus <= 0 and self.num_gpus <= 0:
             raise ValueError("num_cpus or num_gpus must be > 0")
         if self.max_lora_rank not in LORA_RANKS:

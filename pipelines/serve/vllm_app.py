@@ -107,7 +107,8 @@ class VllmServer:
         # Encoding (template, tokenizer, tiling arithmetic) runs off the event loop, on one thread: the loop
         # keeps reading bodies and streaming outputs meanwhile, and the tokenizer is never used by two threads.
         self._encoder_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="slime-encode")
-        self.engine = async_engine(a.model, visual_mode=a.mode, enforce_eager=a.enforce_eager, max_num_seqs=a.max_num_seqs,
+        self.engine = async_engine(a.model, cpu_threads=a.cpu_threads, visual_mode=a.mode, enforce_eager=a.enforce_eager,
+                                   max_num_seqs=a.max_num_seqs,
                                    **({"dtype": a.dtype} if a.dtype else {}),
                                    disable_log_stats=not timings.enabled(),  # vLLM's per-request timestamps
                                    tensor_parallel_size=a.tensor_parallel_size, **lora)
