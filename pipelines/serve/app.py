@@ -27,10 +27,9 @@ import hashlib
 import logging
 import os
 import time
-
-import torch
 from concurrent.futures import ThreadPoolExecutor
 
+import torch
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from ray import serve
@@ -38,8 +37,16 @@ from ray.serve import Application
 from ray.serve.metrics import Counter, Histogram
 
 from pipelines.serve import openai as oai
-from pipelines.serve.ingress import (AutoscalingArgs, ServeArgs, authorize, check_engine_settings,  # noqa: F401
-                                     default_model_id, error_response, install_error_handlers, server_error)
+from pipelines.serve.ingress import (  # noqa: F401
+    AutoscalingArgs,
+    ServeArgs,
+    authorize,
+    check_engine_settings,
+    default_model_id,
+    error_response,
+    install_error_handlers,
+    server_error,
+)
 from slime.config import from_dict
 from slime.errors import InputError
 from slime.predictor import ChatRequest, Predictor
