@@ -223,3 +223,29 @@ def test_data_counters_live_on_the_driver_node(cluster):
              if a.name in names}
     print(f"[multinode] DataMetrics actors on nodes {sorted(set(nodes.values()))}")
     assert nodes == dict.fromkeys(names, ray.get_runtime_context().get_node_id())
+
+
+def test_serving_loses_a_replica_node_under_load(cluster, tmp_path):
+    """Two vLLM replicas on two worker nodes (``slime_worker: 1`` each), proxy and controller on the head, three
+    ``openai`` clients (their own retries on) in a closed loop and a /healthz probe every 0.25 s; one replica's
+    node is killed and a replacement node joins. Counted: requests, failed requests (after the client's
+    retry), failed HTTP attempts, requests in flight at the kill, health probes, seconds until 2 replicas run
+    again (benchmarks.node_loss.serve_case, shared with ``python -m benchmarks.node_loss``)."""
+    from benchmarks.node_loss import serve_case
+    from slime.presets import save_tiny_checkpoint, tiny_vllm
+
+    model = str(save_tiny_checkpoint(tmp_path / "model", seed=0, cfg=tiny_vllm()))
+    out = serve_case(cluster, model, clients=3)
+    print(f"[multinode] serve: {out['requests']} requests, {out['failed']} failed after the client's retries, "
+          f"{out['failed_attempts']} failed attempts of {out['attempts']} (statuses "
+          f"{out['failed_attempt_statuses']}), {out['in_flight_at_kill']} in flight at the kill, replicas back "
+          f"{out['recovery_s']} s after the kill, health probes not 200: {out['health_not_200']} of "
+          f"{out['health_probes']}")
+    assert out["replica_nodes_before"] == sorted(out["replica_nodes_before"]) and len(set(out["replica_nodes_before"])) == 2
+    assert -1 not in out["replica_nodes_before"] and out["killed_node"] in out["replica_nodes_before"]
+    assert out["replacement_node"] in out["replica_nodes_after"]  # the lost replica restarted on the new node
+    assert out["failed"] == 0, out["errors"]
+    # only requests the lost replica was working on may have needed a retry (closed loop: one per client)
+    assert out["failed_attempts"] <= out["in_flight_at_kill"] <= out["clients"]
+    assert out["health_not_200"] == 0
+    assert out["requests"] >= 4 * out["clients"] and out["recovery_s"] < 300

@@ -76,6 +76,9 @@ class ServeArgs:
     mode: Literal["global", "local", "both"] | None = None
     num_cpus: float = 0.5
     num_gpus: float = 0.0
+    # custom Ray resources per replica: {"slime_worker": 1} puts each replica on its own worker node
+    # (pipelines.cluster's node resources); a replica lost with its node restarts where these are free
+    resources: dict[str, float] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)  # replica env vars (e.g. AWS_ENDPOINT_URL of an S3-compatible store)
     autoscaling: AutoscalingArgs = field(default_factory=AutoscalingArgs)
     max_ongoing_requests: int = 16  # per replica; Serve's default 5 would silently cap batches at 5
