@@ -225,6 +225,103 @@ def test_data_counters_live_on_the_driver_node(cluster):
     assert nodes == dict.fromkeys(names, ray.get_runtime_context().get_node_id())
 
 
+def test_scheduler_tick_whose_train_job_dies_with_its_node_is_retried_next_tick(cluster, tmp_path):
+    """A scheduler tick (pipelines.lifecycle.scheduler, file registry) whose retrain runs as a Ray task on a worker
+    node; the node is killed while the task trains. The tick records "failed" with the node's death as the
+    reason, production and serving stay on v1, the lock is released; the next tick computes the same run from
+    the recorded state (same new shards, same run name), trains on a live node and promotes."""
+    import os
+    from concurrent.futures import ThreadPoolExecutor
+
+    import ray
+
+    from benchmarks.node_loss import poll
+    from pipelines.cluster import WORKER_RESOURCE, node_resource
+    from pipelines.lifecycle.registry import Registry
+    from pipelines.lifecycle.scheduler import ScheduleConfig, Scheduler
+    from tests.test_scheduler import Clock, FileRunner, write_manifest
+
+    def train_job(parent, out, quality, shards, started, gate):  # a Ray task on a worker node (pickled by value)
+        import json
+        import shutil
+        import time
+
+        import ray
+
+        with open(started, "w") as f:
+            f.write(ray.get_runtime_context().get_node_id())
+        deadline = time.monotonic() + 300  # "training" until the test opens the gate (or the node dies)
+        while not os.path.exists(gate):
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no {gate}")
+            time.sleep(0.05)
+        shutil.rmtree(out, ignore_errors=True)
+        if parent:
+            shutil.copytree(parent, out)
+        else:
+            os.makedirs(out)
+        with open(os.path.join(out, "quality.json"), "w") as f:
+            json.dump({"quality": quality, "trained_on": shards, "parent": parent}, f)
+        return out
+
+    class NodeRunner(FileRunner):
+        """FileRunner whose retrain is a Ray task (no task retries) on the nodes ``resources`` select."""
+
+        def __init__(self, work_dir, quality, resources):
+            super().__init__(work_dir, quality)
+            self.resources = resources
+
+        def retrain(self, parent_model_dir, manifest_uri, new_shards, run_name):
+            self.calls.append(("retrain", parent_model_dir, tuple(new_shards), run_name))
+            task = ray.remote(train_job).options(num_cpus=0.05, resources=self.resources, max_retries=0)
+            return ray.get(task.remote(parent_model_dir, os.path.join(self.work_dir, run_name, "model"), self.quality,
+                                       new_shards, started, gate))
+
+    cfg = ScheduleConfig(registry=str(tmp_path / "registry"), manifest=str(tmp_path / "data"), val=str(tmp_path / "val"),
+                         work_dir=str(tmp_path / "work"), tolerance=0.05, lock_ttl_s=600)
+    started, gate = str(tmp_path / "started"), str(tmp_path / "go")
+    clock = Clock()
+    write_manifest(cfg.manifest, 2, version=1)
+    assert Scheduler(cfg, FileRunner(cfg.work_dir), now=clock).tick()["decision"] == "promoted"
+    reg = Registry(cfg.registry)
+    v1 = reg.production()
+    write_manifest(cfg.manifest, 4, version=2)
+    clock.advance(3600)
+    while len(cluster.workers()) < 2:
+        cluster.add_worker()
+    victim = cluster.workers()[0]
+    victim_node = cluster.node_id(victim)
+    runner = NodeRunner(cfg.work_dir, 0.7, {node_resource(victim): 0.01})
+    with ThreadPoolExecutor(1) as pool:
+        tick = pool.submit(Scheduler(cfg, runner, now=clock).tick)
+        poll(lambda: os.path.exists(started) or tick.done(), 120, "the retrain task to start on its node")
+        assert not tick.done(), tick.result()
+        ran_on = Path(started).read_text()
+        killed_at = time.monotonic()
+        cluster.kill_node(victim)
+        failed = tick.result(timeout=180)
+    failed_s = time.monotonic() - killed_at
+    print(f"[multinode] scheduler: retrain task on worker node {victim} killed; tick ended {failed['decision']} "
+          f"{failed_s:.1f} s later: {failed['reason'][:160]}")
+    assert ran_on == victim_node
+    assert failed["decision"] == "failed" and failed["run_name"] and failed["new_shards"]
+    assert reg.production().id == v1.id and reg.serving() == v1.id and [v.id for v in reg.list()] == [v1.id]
+    assert runner.steps() == ["retrain"] and not os.path.exists(os.path.join(cfg.registry, "retrain.lock"))
+    assert reg.decisions()[-1]["decision"] == "failed"
+
+    Path(gate).touch()
+    clock.advance(3600)
+    runner = NodeRunner(cfg.work_dir, 0.7, {WORKER_RESOURCE: 0.01})  # any live worker node
+    retried = Scheduler(cfg, runner, now=clock).tick()
+    print(f"[multinode] scheduler: next tick {retried['decision']} {retried['version']} ({retried['reason']}); "
+          f"run {retried['run_name']} on node {Path(started).read_text()[:12]}")
+    assert retried["decision"] == "promoted" and runner.steps() == ["retrain", "evaluate", "rollout"]
+    assert (retried["run_name"], retried["new_shards"], retried["trained_on"]) == (
+        failed["run_name"], failed["new_shards"], failed["trained_on"])
+    assert Path(started).read_text() != victim_node
+    assert reg.production().id == retried["version"] != v1.id and reg.serving() == retried["version"]
+    assert reg.production().metrics["accuracy"] == 0.7
+
 def test_serving_loses_a_replica_node_under_load(cluster, tmp_path):
     """Two vLLM replicas on two worker nodes (``slime_worker: 1`` each), proxy and controller on the head, three
     ``openai`` clients (their own retries on) in a closed loop and a /healthz probe every 0.25 s; one replica's
