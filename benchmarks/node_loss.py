@@ -359,6 +359,7 @@ def serve_case(cluster, model: str, *, clients: int = 3, after_s: float = 5.0, t
             poll(lambda: load.done() >= answered + 2 * clients, 120, "requests answered after the recovery")
             load.stop.wait(after_s)  # steady load on the recovered deployment for a few more seconds
         requests = list(load.requests)
+        load_s = max(r["end"] for r in requests) - min(r["start"] for r in requests)
         attempts = list(load.attempts)
         failed = [r for r in requests if not r["ok"]]
         failed_attempts = [a for a in attempts if a["status"] != 200]
@@ -368,6 +369,7 @@ def serve_case(cluster, model: str, *, clients: int = 3, after_s: float = 5.0, t
             run = run + 1 if status != 200 else 0
             longest = max(longest, run)
         out = {"requests": len(requests), "failed": len(failed), "recovery_s": round(recovery_s, 1),
+               "load_s": round(load_s, 1), "requests_per_s": round(len(requests) / load_s, 1),
                "attempts": len(attempts), "failed_attempts": len(failed_attempts),
                "failed_attempt_statuses": sorted({a["status"] for a in failed_attempts}),
                "in_flight_at_kill": sum(1 for r in requests if r["start"] < killed_at < r["end"]), "clients": clients, "health_probes": len(load.health),
