@@ -1,17 +1,23 @@
 """More than one node (issue 24): a head plus worker nodes as separate raylets on this machine
-(pipelines.cluster.LocalCluster), one cluster for the module, storage on the moto S3 server.
+(pipelines.cluster.LocalCluster), one cluster for the module, storage on the moto S3 server. Each node-loss
+case kills a worker node (SIGKILL, no drain) while it works; the case code is benchmarks/node_loss.py's, which
+``python -m benchmarks.node_loss`` runs on a fresh cluster.
 
-Training: the README's tiny schedule (train_tiny.yaml on the synth_tiny data, 4 phases x 4 steps) with its
-two DDP workers forced onto two worker nodes (``slime_worker: 1`` each); in the middle of phase II the node
-of one worker is killed (SIGKILL, no drain) and a replacement node joins, as an autoscaler would provide
-one. The run resumes from its last checkpoint and ends with every phase at exactly its configured step
-count; its losses, before and after the loss of the node, equal the single-node golden run's
-(tests/assets/losses/tiny_ddp.json, written by test_readme_steps on one embedded Ray).
+Training: the README's tiny schedule (train_tiny.yaml on the synth_tiny data), its first 3 phases x 4 steps, with
+its two DDP workers forced onto two worker nodes (``slime_worker: 1`` each); in the middle of phase II the node
+of one worker is killed and a replacement node joins, as an autoscaler would provide one. The run resumes from
+its last checkpoint and ends with every phase at exactly its configured step count; its losses, before and
+after the loss of the node, equal the single-node golden run's first 12 (tests/assets/losses/tiny_ddp.json,
+written by test_readme_steps on one embedded Ray; LR schedule and seeds are per phase).
+Data: every sample id of an epoch once, with the node holding Preprocessor actors lost mid-epoch.
+Scheduler: a tick whose retrain task dies with its node fails cleanly and the next tick reruns it.
+Serving: two vLLM replicas on two nodes under openai-client load, one node lost: failed requests, recovery.
 """
 
 from __future__ import annotations
 
 import json
+import threading
 import time
 from pathlib import Path
 
@@ -92,6 +98,53 @@ def test_training_across_two_nodes_survives_losing_one(cluster, readme_data, s3_
     assert out["export"]
     assert out["losses"] == pytest.approx(golden, rel=1e-3), "two nodes (with a node lost) != the single-node run"
 
+
+def test_deepspeed_zero2_across_two_nodes_equals_the_single_node_run(cluster, readme_data, s3_bucket, tmp_path):
+    """DeepSpeed ZeRO-2 (fp32 on CPU) with its 2 workers on 2 worker nodes, checkpoints and export on S3, the tiny
+    schedule's first phase: its losses equal the single-node DDP golden's first 4 (same global batch, same data
+    order; ZeRO-2 reduce-scatters the same gradients DDP all-reduces)."""
+    import dataclasses
+
+    from benchmarks.node_loss import CONFIGS, read_rows, train_workers
+    from pipelines import storage
+    from pipelines.train.config import TrainConfig
+    from pipelines.train.loop import train
+    from slime.config import load_config
+
+    base = f"s3://{s3_bucket}"
+    while len(cluster.workers()) < 2:
+        cluster.add_worker()
+    cfg = load_config(TrainConfig, str(CONFIGS / "train_tiny.yaml"), [
+        "name=zero2-multinode", f"storage_path={base}/runs", f"export_dir={base}/models/zero2",
+        f"data.manifest={readme_data}", "scaling.resources_per_worker={CPU: 1, slime_worker: 1}",
+        "engine.kind=deepspeed", f"engine.deepspeed={CONFIGS / 'deepspeed_zero2.yaml'}",
+        f"logging.local_dir={tmp_path}/logs", "logging.tensorboard=false"])
+    cfg = dataclasses.replace(cfg, phases=cfg.phases[:1])
+    seen: dict = {}
+
+    def record_workers() -> None:  # the workers' nodes, read while the run is on
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline and len(seen.get("workers", {})) < 2 and not seen.get("stop"):
+            seen["workers"] = train_workers()
+            time.sleep(0.5)
+
+    watcher = threading.Thread(target=record_workers, daemon=True)
+    watcher.start()
+    started = time.monotonic()
+    try:
+        summary = train(cfg)
+    finally:
+        seen["stop"] = True
+        watcher.join(timeout=30)
+    losses = [r["loss"] for r in read_rows(tmp_path / "logs" / "metrics.jsonl") if "event" not in r]
+    golden = json.loads(GOLDEN.read_text())["losses"][:4]
+    nodes = {cluster.node_id(i): i for i in cluster.workers()}
+    workers = sorted(nodes.get(n, -1) for n in seen.get("workers", {}).values())
+    print(f"[multinode] zero2: workers on worker nodes {workers}; losses {[round(x, 6) for x in losses]} vs golden "
+          f"{golden}; run {time.monotonic() - started:.0f} s")
+    assert len(workers) == 2 and len(set(workers)) == 2 and -1 not in workers, seen.get("workers")
+    assert summary["metrics"]["global_step"] == 4 and storage.exists(f"{base}/models/zero2/EXPORT_COMPLETE")
+    assert losses == pytest.approx(golden, rel=1e-3), "ZeRO-2 on two nodes != the single-node DDP run"
 
 def test_data_pipeline_loses_a_node_mid_epoch(cluster, readme_data, tmp_path):
     """Ray Data reads and preprocesses the README's shards with Preprocessor actors spread over the nodes; the
