@@ -413,7 +413,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     for k, v in {"RAY_AUTH_MODE": "disabled", "RAY_USAGE_STATS_ENABLED": "0", "TOKENIZERS_PARALLELISM": "false",
                  "HF_HUB_OFFLINE": "1", "RAY_TRAIN_V2_ENABLED": "1", "AWS_ACCESS_KEY_ID": "testing",
-                 "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"}.items():
+                 "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1",
+                 "SLIME_TRACKING": "off"}.items():  # no MLflow server for these runs (as in the tests)
         os.environ.setdefault(k, v)
     import logging
 
