@@ -236,13 +236,14 @@ def build_app(args: ServeArgs | dict) -> Application:
     # then stays a lightweight update instead of restarting every replica.
     replica_args = {k: v for k, v in dataclasses.asdict(args).items()
                     if k not in ("autoscaling", "num_cpus", "num_gpus", "env", "max_ongoing_requests", "max_batch_size",
-                                 "batch_wait_timeout_s", "max_surge_percent")}
+                                 "batch_wait_timeout_s", "max_surge_percent", "resources")}
     replica_args["allowed_url_schemes"] = list(args.allowed_url_schemes)
     from pipelines.serve.engine import resolve_engine
 
     replica_args["engine"] = resolve_engine(args.engine, args.model)
     check_engine_settings(args, replica_args["engine"])
     actor = {"num_cpus": args.num_cpus, "num_gpus": args.num_gpus,
+             **({"resources": dict(args.resources)} if args.resources else {}),
              **({"runtime_env": {"env_vars": dict(args.env)}} if args.env else {})}
     if replica_args["engine"] == "vllm":
         from pipelines.serve.vllm_app import VllmServer

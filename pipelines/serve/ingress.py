@@ -79,6 +79,9 @@ class ServeArgs:
     # CPU threads the model computes on (vLLM's engine core: OpenMP threads; hf: torch threads). Default: Ray's
     # for the replica, num_cpus rounded down, at least 1. A CPU node serving one replica gives it its cores.
     cpu_threads: int | None = None
+    # custom Ray resources per replica: {"slime_worker": 1} puts each replica on its own worker node
+    # (pipelines.cluster's node resources); a replica lost with its node restarts where these are free
+    resources: dict[str, float] = field(default_factory=dict)
     env: dict[str, str] = field(default_factory=dict)  # replica env vars (e.g. AWS_ENDPOINT_URL of an S3-compatible store)
     autoscaling: AutoscalingArgs = field(default_factory=AutoscalingArgs)
     max_ongoing_requests: int = 16  # per replica; Serve's default 5 would silently cap batches at 5
