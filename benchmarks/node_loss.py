@@ -27,7 +27,6 @@ import json
 import threading
 import time
 from pathlib import Path
-from typing import Self
 
 SERVE_APP, SERVE_DEPLOYMENT, SERVE_MODEL_ID = "node-loss", "SlimeServer", "slime-tiny"
 
@@ -225,181 +224,6 @@ def data_case(cluster, shards: str, model: str, *, actors: int = 3, kill_after: 
     return out
 
 
-# ---------------------------------------------------------------------------------------------------- serving
-
-
-def replica_nodes(app: str = SERVE_APP) -> dict[str, str]:
-    """Live Serve replica actors of ``app`` -> node id."""
-    from ray.util.state import list_actors
-
-    return {a.actor_id: a.node_id for a in list_actors(filters=[("state", "=", "ALIVE")])
-            if a.class_name.startswith(f"ServeReplica:{app}:")}
-
-
-def running_replicas(app: str = SERVE_APP, deployment: str = SERVE_DEPLOYMENT) -> int:
-    from ray import serve
-
-    status = serve.status().applications.get(app)
-    return status.deployments[deployment].replica_states.get("RUNNING", 0) if status else 0
-
-
-class ChatLoad:
-    """``clients`` threads, each an ``openai.OpenAI`` (with its own retries) posting a text + image chat request
-    in a closed loop until stopped, plus one thread polling ``/healthz`` every 0.25 s. Records every request
-    (start, end, ok, error), every HTTP attempt (status or the connection error) and every health probe."""
-
-    def __init__(self, base_url: str, clients: int = 3, max_tokens: int = 8, max_retries: int = 2) -> None:
-        self.base_url, self.max_retries = base_url, max_retries
-        self.stop, self.lock = threading.Event(), threading.Lock()
-        self.requests: list[dict] = []  # {"start", "end", "ok", "error"}
-        self.attempts: list[dict] = []  # {"t", "status"} (-1: no response)
-        self.health: list[tuple[float, int]] = []
-        self.messages = [{"role": "user", "content": [{"type": "text", "text": "describe the picture"},
-                                                      {"type": "image_url", "image_url": {"url": png_url()}}]}]
-        self.max_tokens = max_tokens
-        self.threads = [threading.Thread(target=self._client, daemon=True) for _ in range(clients)]
-        self.threads.append(threading.Thread(target=self._health, daemon=True))
-
-    def _client(self) -> None:
-        import httpx
-        import openai
-
-        def on_response(response: httpx.Response) -> None:
-            with self.lock:
-                self.attempts.append({"t": time.monotonic(), "status": response.status_code})
-
-        class Counted(httpx.HTTPTransport):  # attempts that got no response at all (connection reset, ...)
-            def handle_request(inner, request):
-                try:
-                    return super().handle_request(request)
-                except Exception:
-                    with self.lock:
-                        self.attempts.append({"t": time.monotonic(), "status": -1})
-                    raise
-
-        http = httpx.Client(transport=Counted(), event_hooks={"response": [on_response]}, timeout=120)
-        client = openai.OpenAI(base_url=f"{self.base_url}/v1", api_key="none", max_retries=self.max_retries,
-                               http_client=http)
-        with http:
-            while not self.stop.is_set():
-                row = {"start": time.monotonic()}
-                try:
-                    out = client.chat.completions.create(model=SERVE_MODEL_ID, messages=self.messages,
-                                                         max_tokens=self.max_tokens)
-                    row["ok"] = bool(out.choices) and out.choices[0].message.content is not None
-                except Exception as e:  # noqa: BLE001 - retries used up: a failed request, whatever the cause
-                    row["ok"], row["error"] = False, f"{type(e).__name__}: {str(e)[:200]}"
-                row["end"] = time.monotonic()
-                with self.lock:
-                    self.requests.append(row)
-
-    def _health(self) -> None:
-        import httpx
-
-        with httpx.Client(base_url=self.base_url, timeout=10) as c:
-            while not self.stop.is_set():
-                try:
-                    status = c.get("/healthz").status_code
-                except Exception:  # noqa: BLE001 - no answer at all is an unhealthy probe
-                    status = -1
-                with self.lock:
-                    self.health.append((time.monotonic(), status))
-                self.stop.wait(0.25)
-
-    def done(self) -> int:
-        with self.lock:
-            return sum(r["ok"] for r in self.requests)
-
-    def __enter__(self) -> Self:
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(timeout=150)
-
-
-def serve_case(cluster, model: str, *, clients: int = 3, after_s: float = 5.0, timeout_s: float = 300.0) -> dict:
-    """Two vLLM replicas on two worker nodes under steady ``openai`` load; the node of one is killed and a
-    replacement node joins (as an autoscaler would provide; each replica needs a ``slime_worker``). Returns
-    the counts: requests, failed (after the client's retries), failed attempts, requests in flight at the kill,
-    health probes that were not 200, seconds from the kill until 2 replicas run again (one of them new)."""
-    from ray import serve
-
-    from pipelines.cluster import WORKER_RESOURCE
-    from pipelines.serve.app import build_app
-    from pipelines.serve.ingress import free_port
-
-    while len(cluster.workers()) < 2:
-        cluster.add_worker()
-    port = free_port()
-    serve.shutdown()  # any earlier Serve keeps its own proxy and port
-    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": port})
-    args = {"model": model, "model_id": SERVE_MODEL_ID, "engine": "vllm", "num_cpus": 0.25,
-            "resources": {WORKER_RESOURCE: 1}, "max_ongoing_requests": 8,
-            "autoscaling": {"min_replicas": 2, "max_replicas": 2}}
-    started = time.monotonic()
-    try:
-        serve.run(build_app(args), name=SERVE_APP, route_prefix="/")
-        poll(lambda: running_replicas() == 2, timeout_s, "2 running replicas")
-        deploy_s = time.monotonic() - started
-        before = replica_nodes()
-        workers = {cluster.node_id(i): i for i in cluster.workers()}
-        say(f"[node-loss] serve: 2 replicas up in {deploy_s:.1f} s on worker nodes "
-            f"{sorted(workers[n] for n in before.values() if n in workers)}")
-        base = f"http://127.0.0.1:{port}"
-        with ChatLoad(base, clients=clients) as load:
-            poll(lambda: load.done() >= 2 * clients, 120, "requests answered before the kill")
-            victim_node = min(before.values())
-            victim = workers[victim_node]
-            killed_at = time.monotonic()
-            cluster.kill_node(victim)
-            say(f"[node-loss] serve: killed worker node {victim} after {load.done()} answered requests")
-            replacement = cluster.add_worker()
-            joined_s = time.monotonic() - killed_at
-            say(f"[node-loss] serve: replacement node {replacement} joined {joined_s:.1f} s after the kill")
-
-            def recovered() -> bool:
-                now = replica_nodes()
-                return (running_replicas() == 2 and len(now) == 2 and bool(set(now) - set(before))
-                        and victim_node not in now.values())
-
-            poll(recovered, timeout_s, "2 running replicas again, one of them new", every=0.5)
-            recovery_s = time.monotonic() - killed_at
-            after = replica_nodes()
-            answered = load.done()
-            poll(lambda: load.done() >= answered + 2 * clients, 120, "requests answered after the recovery")
-            load.stop.wait(after_s)  # steady load on the recovered deployment for a few more seconds
-        requests = list(load.requests)
-        load_s = max(r["end"] for r in requests) - min(r["start"] for r in requests)
-        attempts = list(load.attempts)
-        failed = [r for r in requests if not r["ok"]]
-        failed_attempts = [a for a in attempts if a["status"] != 200]
-        unhealthy = [s for _, s in load.health if s != 200]
-        run = longest = 0
-        for _, status in load.health:  # the longest run of consecutive failed probes (a checker's failure threshold)
-            run = run + 1 if status != 200 else 0
-            longest = max(longest, run)
-        out = {"requests": len(requests), "failed": len(failed), "recovery_s": round(recovery_s, 1),
-               "load_s": round(load_s, 1), "requests_per_s": round(len(requests) / load_s, 1),
-               "attempts": len(attempts), "failed_attempts": len(failed_attempts),
-               "failed_attempt_statuses": sorted({a["status"] for a in failed_attempts}),
-               "in_flight_at_kill": sum(1 for r in requests if r["start"] < killed_at < r["end"]), "clients": clients, "health_probes": len(load.health),
-               "health_not_200": len(unhealthy), "health_statuses_not_200": sorted(set(unhealthy)),
-               "health_longest_failed_run": longest, "deploy_s": round(deploy_s, 1),
-               "replacement_joined_s": round(joined_s, 1), "killed_node": victim, "replacement_node": replacement,
-               "replica_nodes_before": sorted(workers.get(n, -1) for n in before.values()),
-               "replica_nodes_after": sorted({**workers, cluster.node_id(replacement): replacement}.get(n, -1)
-                                             for n in after.values()),
-               "errors": sorted({r["error"] for r in failed})[:3]}
-        say(f"[node-loss] serve: {json.dumps(out)}")
-        return out
-    finally:
-        serve.shutdown()
-
-
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description="Node loss in training, the data pipeline and serving on a fresh local "
                                             "multi-node cluster; the last line is one JSON object.")
@@ -422,6 +246,7 @@ def main(argv: list[str] | None = None) -> dict:
     import ray
     from moto.server import ThreadedMotoServer
 
+    from benchmarks.node_loss_serve import serve_case
     from pipelines.cluster import LocalCluster, LocalClusterConfig
     from slime.presets import save_tiny_checkpoint, tiny_vllm
 

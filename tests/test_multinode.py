@@ -286,7 +286,7 @@ def test_serving_loses_a_replica_node_under_load(cluster, tmp_path):
     node is killed and a replacement node joins. Counted: requests, failed requests (after the client's
     retry), failed HTTP attempts, requests in flight at the kill, health probes, seconds until 2 replicas run
     again (benchmarks.node_loss.serve_case, shared with ``python -m benchmarks.node_loss``)."""
-    from benchmarks.node_loss import serve_case
+    from benchmarks.node_loss_serve import serve_case
     from slime.presets import save_tiny_checkpoint, tiny_vllm
 
     model = str(save_tiny_checkpoint(tmp_path / "model", seed=0, cfg=tiny_vllm()))
