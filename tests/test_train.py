@@ -239,6 +239,7 @@ def check_ddp_four_phases(summary: dict, run_dir: Path, export: Path) -> None:
 
 
 @pytest.mark.integration
+@pytest.mark.extended  # make test runs tests/test_multinode.py's training test instead: failure, resume, S3, steps
 def test_worker_failure_resumes_and_s3_storage(ray_session, shards, tmp_path, s3_bucket):
     """Rank 1 dies mid-phase on the first attempt; the run restores from a checkpoint, ends exactly at the
     configured step count, checkpoints + logs + export live on S3 (moto); re-running the same name
