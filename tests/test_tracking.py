@@ -324,8 +324,9 @@ def test_scheduled_ticks_register_and_promote_by_alias_only_when_the_gate_passes
 def test_embedded_store_default_and_resume(shards, tmp_path):  # noqa: F811
     """No tracking.uri: the driver's side starts ``mlflow server`` on SQLite + artifacts in
     <parent of storage_path>/mlflow, records the run with the store's identity (not the server's port), so a
-    later session on the same run directory reopens the run through a server at another address; the UI
-    command names that store; the server is stopped with the session."""
+    later session on the same run directory reopens the run through a server at another address; the server
+    is stopped with the session; the command ``make demo`` prints at its end (``pipelines.demo.mlflow_ui_note``)
+    then opens the MLflow UI and API on that store, with the run in it."""
     from pipelines.train.config import expand_phases
     from pipelines.train.mlflow_run import TrainTracking
 
@@ -355,3 +356,43 @@ def test_embedded_store_default_and_resume(shards, tmp_path):  # noqa: F811
     assert not done["resumed"] and done["failures"] == 0
     assert (tmp_path / "mlflow" / "mlflow.db").is_file() and (tmp_path / "mlflow" / "artifacts").is_dir()
     assert f"sqlite:///{tmp_path}/mlflow/mlflow.db" in done["ui"]
+
+    # `make demo`'s last words (pipelines.demo): the command they print opens the UI and API on this store
+    import shlex
+    import signal
+    import subprocess
+
+    import requests
+
+    from pipelines.demo import mlflow_ui_note
+    from pipelines.serve.ingress import free_port
+
+    note = mlflow_ui_note(done)
+    assert mlflow_ui_note(None) is None and note.splitlines()[-1].strip() == done["ui"]
+    command, url = [part.strip() for part in note.splitlines()[-1].split("# then open")]
+    argv = shlex.split(command)
+    port = free_port()  # the printed 5000 may be taken on a shared machine: the same command on a free port
+    assert argv[argv.index("--port") + 1] == "5000" and url == "http://127.0.0.1:5000"
+    argv[argv.index("--port") + 1] = str(port)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    with open(tmp_path / "ui.log", "wb") as log:
+        ui = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+
+    def shows_the_run() -> bool:
+        assert ui.poll() is None, (tmp_path / "ui.log").read_text()[-2000:]
+        try:
+            r = requests.get(f"{base}/api/2.0/mlflow/runs/get", params={"run_id": done["run_id"]}, timeout=10)
+        except requests.RequestException:
+            return False
+        return r.status_code == 200 and r.json()["run"]["info"]["run_id"] == done["run_id"]
+
+    try:
+        wait_for(shows_the_run, 180, "the printed UI command to serve the demo's run")
+        page = requests.get(base + "/", timeout=30)
+        assert page.status_code == 200 and "<html" in page.text.lower()  # the UI itself
+        found = MlflowClient(base).search_runs(MlflowClient(base).experiment_id("slime"))
+        assert done["run_id"] in {r["info"]["run_id"] for r in found}
+    finally:
+        os.killpg(ui.pid, signal.SIGTERM)
+        ui.wait(30)
