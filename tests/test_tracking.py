@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 
 import pytest
@@ -59,6 +60,13 @@ def mlflow_server(tmp_path_factory, moto_s3, artifact_bucket):
     root = tmp_path_factory.mktemp("mlflow")
     server = LiveServer(f"sqlite:///{root}/mlflow.db", f"s3://{artifact_bucket}/runs",
                         env={"AWS_ENDPOINT_URL": moto_s3, "MLFLOW_S3_ENDPOINT_URL": moto_s3})
+    import sqlite3
+
+    # An empty store with MLflow's schema (the migrations a fresh SQLite store runs cost 10-40 s here): the
+    # embedded-store test seeds its store from it.
+    with sqlite3.connect(root / "mlflow.db") as src, sqlite3.connect(root / "empty-store.db") as dst:
+        src.backup(dst)
+    server.empty_store = root / "empty-store.db"
     yield server
     server.stop()
     assert server.process.poll() is not None
@@ -321,12 +329,13 @@ def test_scheduled_ticks_register_and_promote_by_alias_only_when_the_gate_passes
     assert sorted(decisions) == ["promoted", "promoted", "rejected"]
 
 
-def test_embedded_store_default_and_resume(shards, tmp_path):  # noqa: F811
+def test_embedded_store_default_and_resume(shards, tmp_path, mlflow_server):  # noqa: F811
     """No tracking.uri: the driver's side starts ``mlflow server`` on SQLite + artifacts in
     <parent of storage_path>/mlflow, records the run with the store's identity (not the server's port), so a
     later session on the same run directory reopens the run through a server at another address; the server
     is stopped with the session; the command ``make demo`` prints at its end (``pipelines.demo.mlflow_ui_note``)
-    then opens the MLflow UI and API on that store, with the run in it."""
+    then opens the MLflow UI and API on that store, with the run in it. (The store starts from an empty store
+    with MLflow's schema: the module's server covers a brand-new store's migrations.)"""
     from pipelines.train.config import expand_phases
     from pipelines.train.mlflow_run import TrainTracking
 
@@ -336,7 +345,9 @@ def test_embedded_store_default_and_resume(shards, tmp_path):  # noqa: F811
     log.write_text("".join(json.dumps({"phase": p.name, "phase_index": i, "global_step": 3 * i + s, "loss": 1.0 / s,
                                        "samples_per_s": 2.0, "tokens_per_s": 9.0}) + "\n"
                            for i, p in enumerate(phases) for s in (1, 2, 3)))
-    session = TrainTracking.open(cfg, phases, [3, 3])
+    (tmp_path / "mlflow").mkdir()
+    shutil.copy(mlflow_server.empty_store, tmp_path / "mlflow" / "mlflow.db")  # the schema; the module's server
+    session = TrainTracking.open(cfg, phases, [3, 3])  # started on a fresh store (migrations included)
     try:
         assert session.store == str(tmp_path / "mlflow") and session.run, "tracking did not start"
         done = session.finish(cfg, status="FINISHED", log_uri=str(log))
@@ -371,10 +382,13 @@ def test_embedded_store_default_and_resume(shards, tmp_path):  # noqa: F811
     assert mlflow_ui_note(None) is None and note.splitlines()[-1].strip() == done["ui"]
     command, url = [part.strip() for part in note.splitlines()[-1].split("# then open")]
     argv = shlex.split(command)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    while "=" in argv[0]:  # VAR=value prefixes, as a shell would take them
+        key, value = argv.pop(0).split("=", 1)
+        env[key] = value
     port = free_port()  # the printed 5000 may be taken on a shared machine: the same command on a free port
     assert argv[argv.index("--port") + 1] == "5000" and url == "http://127.0.0.1:5000"
     argv[argv.index("--port") + 1] = str(port)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     with open(tmp_path / "ui.log", "wb") as log:
         ui = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
