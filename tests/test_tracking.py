@@ -1,9 +1,11 @@
 """MLflow tracking against a real ``mlflow server`` (``.venv-mlflow``, ``make mlflow``): SQLite backend, artifacts
-on the moto S3 server, on 127.0.0.1, started and stopped by this module.
+on the moto S3 server, on 127.0.0.1 (the session's ``mlflow_server`` in tests/conftest.py, shared with
+tests/test_tracking_serve.py).
 
-A training run's params, per-phase metric history and artifacts are on the server; a run that failed and was
-re-run under the same name is one MLflow run with a continuous step axis; a server stopped in the middle of a
-run does not fail the run.
+One training run covers what happens to real runs (a ``slime train`` driver SIGKILLed and re-run, the server
+restarted in the middle): one MLflow run with params, a continuous per-phase metric history, artifacts and the
+evaluation attached. The registry, the scheduler's mirror, the embedded store and the UI command ``make demo``
+prints are tested without Ray.
 """
 
 from __future__ import annotations
@@ -18,58 +20,10 @@ import pytest
 from pipelines import storage
 from pipelines.tracking.client import MAX_PARAM_VALUE, MlflowClient, flatten_params
 from pipelines.tracking.runs import RunTracker, open_run
-from pipelines.tracking.server import start_server
 from tests.test_train import shards, tiny_config  # noqa: F401 - the module-scoped data fixture
 
 TWO_PHASES = ("phases=[{name: I-a, trainable: [projector], mode: global, forced_expert: 0, lr: 1.0e-3, steps: 3}, "
               "{name: II-local, trainable: [compressor], mode: local, lr: 1.0e-3, steps: 3}]")
-
-
-@pytest.fixture(scope="module")
-def artifact_bucket(moto_s3):
-    import boto3
-
-    boto3.client("s3", endpoint_url=moto_s3, region_name="us-east-1").create_bucket(Bucket="mlflow-artifacts")
-    return "mlflow-artifacts"
-
-
-class LiveServer:
-    """A test's ``mlflow server``; ``restart()`` stops it and starts it again on the same port and store (an
-    outage in the middle of a run)."""
-
-    def __init__(self, backend: str, artifacts: str, env: dict[str, str]) -> None:
-        self.args, self.env = (backend, artifacts), env
-        self.server = start_server(*self.args, env=env)
-        self.uri, self.port = self.server.uri, int(self.server.uri.rsplit(":", 1)[1])
-
-    @property
-    def process(self):
-        return self.server.process
-
-    def restart(self) -> None:
-        self.server.stop()
-        self.server = start_server(*self.args, port=self.port, env=self.env)
-
-    def stop(self) -> None:
-        self.server.stop()
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory, moto_s3, artifact_bucket):
-    """One real MLflow server for the module: SQLite store, artifacts proxied to s3://mlflow-artifacts."""
-    root = tmp_path_factory.mktemp("mlflow")
-    server = LiveServer(f"sqlite:///{root}/mlflow.db", f"s3://{artifact_bucket}/runs",
-                        env={"AWS_ENDPOINT_URL": moto_s3, "MLFLOW_S3_ENDPOINT_URL": moto_s3})
-    import sqlite3
-
-    # An empty store with MLflow's schema (the migrations a fresh SQLite store runs cost 10-40 s here): the
-    # embedded-store test seeds its store from it.
-    with sqlite3.connect(root / "mlflow.db") as src, sqlite3.connect(root / "empty-store.db") as dst:
-        src.backup(dst)
-    server.empty_store = root / "empty-store.db"
-    yield server
-    server.stop()
-    assert server.process.poll() is not None
 
 
 def wait_for(predicate, timeout_s: float, what: str) -> float:

@@ -17,8 +17,6 @@ import time
 import pytest
 import requests
 
-from tests.test_tracking import artifact_bucket, mlflow_server  # noqa: F401 - the module-scoped server
-
 pytestmark = pytest.mark.integration
 
 APP, KEY, MODEL_ID, NAME = "slime-follow", "follow-key", "slime-tiny", "served"
@@ -38,7 +36,7 @@ def checkpoints(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def endpoint(ray_session, mlflow_server, checkpoints):  # noqa: F811
+def endpoint(ray_session, mlflow_server, checkpoints):
     """``slime serve --model models:/served@champion --follow 0.5``, in-process: version 1 is champion."""
     from ray import serve
 
@@ -46,9 +44,8 @@ def endpoint(ray_session, mlflow_server, checkpoints):  # noqa: F811
     from pipelines.serve.app import build_app
     from pipelines.serve.follow import AliasFollower
     from pipelines.serve.ingress import ServeArgs, free_port
-    from pipelines.tracking.models import ModelRegistry
-
     from pipelines.tracking.client import MlflowClient
+    from pipelines.tracking.models import ModelRegistry
 
     client = MlflowClient(mlflow_server.uri)  # the run the hand-registered versions link to (MLflow wants one)
     run_id = client.create_run(client.experiment_id("follow"), "hand-registered", {})["info"]["run_id"]
@@ -135,7 +132,7 @@ def wait_for(predicate, timeout_s: float, what: str) -> None:
         time.sleep(0.25)  # polling interval of the condition above
 
 
-def test_manual_alias_move_rolls_the_endpoint(endpoint, client, mlflow_server, checkpoints):  # noqa: F811
+def test_manual_alias_move_rolls_the_endpoint(endpoint, client, mlflow_server, checkpoints):
     """Version 2 registered; ``champion`` moved 1 -> 2 by hand with MLflow's REST API (what the UI does):
     the endpoint serves version 2's checkpoint within the deadline, with no failed request on the way."""
     assert ask(client) == fingerprint(checkpoints[0])
@@ -157,7 +154,7 @@ def test_manual_alias_move_rolls_the_endpoint(endpoint, client, mlflow_server, c
     print(f"manual alias move: served after {took:.1f} s, {len(traffic.fingerprints)} requests, none failed")
 
 
-def test_scheduled_promotion_rolls_the_endpoint(endpoint, client, mlflow_server, checkpoints, tmp_path):  # noqa: F811
+def test_scheduled_promotion_rolls_the_endpoint(endpoint, client, mlflow_server, checkpoints, tmp_path):
     """A scheduler tick (real file registry, the MLflow mirror on the same registered model) retrains into a
     real checkpoint, passes the gate and promotes: the mirror moves ``champion`` to the new MLflow version, the
     follower rolls, and the endpoint serves the directory the tick rolled out."""
