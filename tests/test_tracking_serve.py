@@ -85,9 +85,10 @@ def ask(client) -> str:
 
 
 class Traffic:
-    """Threads asking through the openai client until stopped: every fingerprint and every failure."""
+    """Threads asking through the openai client until stopped (each pausing ``pause_s`` between requests):
+    every fingerprint and every failure."""
 
-    def __init__(self, client, threads: int = 2) -> None:
+    def __init__(self, client, threads: int = 2, pause_s: float = 0.05) -> None:
         self.stop, self.lock = threading.Event(), threading.Lock()
         self.fingerprints: list[str] = []
         self.errors: list[str] = []
@@ -101,6 +102,7 @@ class Traffic:
                 except Exception as e:  # noqa: BLE001 - a failed request is what this records
                     with self.lock:
                         self.errors.append(repr(e)[:300])
+                self.stop.wait(pause_s)  # steady traffic, not a flood that starves the new replica's start
 
         self.threads = [threading.Thread(target=run, daemon=True) for _ in range(threads)]
 
