@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
+import threading
 
 from jobs.common import JobError, require_model_dir, run_job
 from pipelines.serve.app import ServeArgs, build_app
@@ -87,19 +87,14 @@ def _serve(cfg: ServeArgs, args: argparse.Namespace) -> None:
     print(f"Ray logs (Serve controller, proxy, replicas): {ray_log_dir()}", flush=True)
     serve.run(build_app(cfg), name=args.name, route_prefix="/", blocking=False)
     print(f"serving {cfg.model} on {cfg.engine} at http://{args.host}:{args.port}/v1 (Ctrl-C to stop)", flush=True)
-    watch = None
-    if args.follow:
-        from pipelines.tracking.models import AliasWatch
-
-        watch = AliasWatch(args.model, args.tracking_uri, current=version)
     try:
-        while True:
-            time.sleep(args.follow or 1)
-            moved = watch.changed() if watch else None
-            if moved:  # same app name + new model -> Serve replaces the replicas (a rolling update)
-                cfg = dataclasses.replace(cfg, model=moved[0])
-                print(f"{args.model} moved to version {moved[1]['version']}: rolling to {moved[0]}", flush=True)
-                serve.run(build_app(cfg), name=args.name, route_prefix="/", blocking=False)
+        if args.follow:
+            from pipelines.serve.follow import AliasFollower
+
+            AliasFollower(cfg, args.model, tracking_uri=args.tracking_uri, version=version,
+                          app_name=args.name).run(args.follow)
+        else:
+            threading.Event().wait()
     except KeyboardInterrupt:
         serve.delete(args.name)
 

@@ -191,6 +191,14 @@ def run_demo(cfg: DemoConfig) -> dict:
     if ui:
         summary["mlflow_ui"] = ui
     say("\n== done\n" + json.dumps(summary, indent=2, default=str))
-    if ui:
-        say(f"\nOpen this demo's run (params, per-step metrics, loss.png, evaluation) in the MLflow UI:\n  {ui}")
+    if note := mlflow_ui_note(result.get("mlflow")):
+        say(note)
     return summary
+
+
+def mlflow_ui_note(mlflow: dict | None) -> str | None:
+    """The demo's last words: the one command that opens the MLflow UI on the embedded store its run went to
+    (``train()``'s ``mlflow`` result); None when the run was not tracked or went to a server."""
+    ui = (mlflow or {}).get("ui")
+    return f"\nOpen this demo's run (params, per-step metrics, loss.png, evaluation) in the MLflow UI:\n  {ui}" \
+        if ui else None

@@ -91,3 +91,55 @@ def s3_bucket(moto_s3):
     name = f"test-{uuid.uuid4().hex[:10]}"
     boto3.client("s3", endpoint_url=moto_s3, region_name="us-east-1").create_bucket(Bucket=name)
     return name
+
+
+@pytest.fixture(scope="session")
+def artifact_bucket(moto_s3):
+    import boto3
+
+    boto3.client("s3", endpoint_url=moto_s3, region_name="us-east-1").create_bucket(Bucket="mlflow-artifacts")
+    return "mlflow-artifacts"
+
+
+class LiveServer:
+    """A test's ``mlflow server``; ``restart()`` stops it and starts it again on the same port and store (an
+    outage in the middle of a run)."""
+
+    def __init__(self, backend: str, artifacts: str, env: dict[str, str]) -> None:
+        from pipelines.tracking.server import start_server
+
+        self.args, self.env = (backend, artifacts), env
+        self.server = start_server(*self.args, env=env)
+        self.uri, self.port = self.server.uri, int(self.server.uri.rsplit(":", 1)[1])
+
+    @property
+    def process(self):
+        return self.server.process
+
+    def restart(self) -> None:
+        from pipelines.tracking.server import start_server
+
+        self.server.stop()
+        self.server = start_server(*self.args, port=self.port, env=self.env)
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory, moto_s3, artifact_bucket):
+    """One real MLflow server for the session (tests/test_tracking.py, tests/test_tracking_serve.py): SQLite
+    store, artifacts proxied to s3://mlflow-artifacts; started on first use (~10-40 s: the store's migrations)."""
+    root = tmp_path_factory.mktemp("mlflow")
+    server = LiveServer(f"sqlite:///{root}/mlflow.db", f"s3://{artifact_bucket}/runs",
+                        env={"AWS_ENDPOINT_URL": moto_s3, "MLFLOW_S3_ENDPOINT_URL": moto_s3})
+    import sqlite3
+
+    # An empty store with MLflow's schema (the migrations a fresh SQLite store runs cost 10-40 s here): the
+    # embedded-store test seeds its store from it.
+    with sqlite3.connect(root / "mlflow.db") as src, sqlite3.connect(root / "empty-store.db") as dst:
+        src.backup(dst)
+    server.empty_store = root / "empty-store.db"
+    yield server
+    server.stop()
+    assert server.process.poll() is not None

@@ -1,15 +1,18 @@
 """MLflow tracking against a real ``mlflow server`` (``.venv-mlflow``, ``make mlflow``): SQLite backend, artifacts
-on the moto S3 server, on 127.0.0.1, started and stopped by this module.
+on the moto S3 server, on 127.0.0.1 (the session's ``mlflow_server`` in tests/conftest.py, shared with
+tests/test_tracking_serve.py).
 
-A training run's params, per-phase metric history and artifacts are on the server; a run that failed and was
-re-run under the same name is one MLflow run with a continuous step axis; a server stopped in the middle of a
-run does not fail the run.
+One training run covers what happens to real runs (a ``slime train`` driver SIGKILLed and re-run, the server
+restarted in the middle): one MLflow run with params, a continuous per-phase metric history, artifacts and the
+evaluation attached. The registry, the scheduler's mirror, the embedded store and the UI command ``make demo``
+prints are tested without Ray.
 """
 
 from __future__ import annotations
 
 import json
-import threading
+import os
+import shutil
 import time
 
 import pytest
@@ -17,30 +20,18 @@ import pytest
 from pipelines import storage
 from pipelines.tracking.client import MAX_PARAM_VALUE, MlflowClient, flatten_params
 from pipelines.tracking.runs import RunTracker, open_run
-from pipelines.tracking.server import start_server
 from tests.test_train import shards, tiny_config  # noqa: F401 - the module-scoped data fixture
 
 TWO_PHASES = ("phases=[{name: I-a, trainable: [projector], mode: global, forced_expert: 0, lr: 1.0e-3, steps: 3}, "
               "{name: II-local, trainable: [compressor], mode: local, lr: 1.0e-3, steps: 3}]")
 
 
-@pytest.fixture(scope="module")
-def artifact_bucket(moto_s3):
-    import boto3
-
-    boto3.client("s3", endpoint_url=moto_s3, region_name="us-east-1").create_bucket(Bucket="mlflow-artifacts")
-    return "mlflow-artifacts"
-
-
-@pytest.fixture(scope="module")
-def mlflow_server(tmp_path_factory, moto_s3, artifact_bucket):
-    """One real MLflow server for the module: SQLite store, artifacts proxied to s3://mlflow-artifacts."""
-    root = tmp_path_factory.mktemp("mlflow")
-    server = start_server(f"sqlite:///{root}/mlflow.db", f"s3://{artifact_bucket}/runs",
-                          env={"AWS_ENDPOINT_URL": moto_s3, "MLFLOW_S3_ENDPOINT_URL": moto_s3})
-    yield server
-    server.stop()
-    assert server.process.poll() is not None
+def wait_for(predicate, timeout_s: float, what: str) -> float:
+    start = time.monotonic()
+    while not predicate():
+        assert time.monotonic() - start < timeout_s, f"timed out after {timeout_s} s waiting for {what}"
+        time.sleep(0.2)  # polling interval of the condition above
+    return time.monotonic() - start
 
 
 def runs_named(client: MlflowClient, experiment: str, name: str) -> list[dict]:
@@ -89,32 +80,72 @@ def test_client_limits_reopen_and_failures(mlflow_server, artifact_bucket, tmp_p
     assert counts["failures"] >= 3 and counts["unsent"] == 1
 
 
-@pytest.mark.extended  # a Ray training run each: make test-extended
 @pytest.mark.integration
-def test_training_run_failed_and_rerun_is_one_mlflow_run(ray_session, shards, tmp_path, mlflow_server,  # noqa: F811
-                                                         artifact_bucket):
-    """Two phases x 3 steps; the first attempt dies at global step 4 (no Ray Train retries), the re-run of the
-    same name resumes from phase I-a's end checkpoint (step 3) into the same MLflow run: params, a loss value
-    for every global step 1..6 (step 4 twice: logged, lost with the attempt, retrained), the phase per step, per-phase
-    summaries, loss.png and the export's metadata on S3; then ``evaluate`` on the export attaches its metrics,
-    per-task table and accuracy.png to that run."""
+def test_killed_driver_and_server_outage_resume_into_one_mlflow_run(ray_session, shards, tmp_path,  # noqa: F811
+                                                                   mlflow_server, artifact_bucket):
+    """The one training run of the module (two phases x 3 steps), with everything that happens to real runs:
+    ``python -m jobs.train`` (a real driver process, on the test's Ray cluster) logs step 1; the MLflow server
+    is then stopped and started again (an outage mid-run: training goes on, the values logged meanwhile stay
+    queued and arrive once it is back); rank 0 hangs at global step 4, after phase I-a's end checkpoint (step 3);
+    the driver is SIGKILLed. Re-running the same name resumes from that checkpoint into the SAME MLflow run: one
+    run, FINISHED, ``slime.resumes`` = 1, every global step 1..6 present (4 twice: before the kill and
+    retrained), the phase per step, per-step metrics, per-phase summaries, loss.png and the export's metadata
+    on S3; then ``evaluate`` on the export attaches its metrics, per-task table and accuracy.png to that run."""
+    import signal
+    import subprocess
+    import sys
+
     from pipelines.train.loop import train
+    from tests.test_train import CONFIGS
 
     marker = tmp_path / "fault-marker"
-    cfg = tiny_config(tmp_path, shards, "tracked", TWO_PHASES, f"tracking.uri={mlflow_server.uri}",
-                      "tracking.experiment=train-test", "scaling.num_workers=1", "checkpoint.every_steps=2",
-                      "checkpoint.max_failures=0", "logging.tensorboard=false", "fault.global_step=4", "fault.rank=0",
-                      f"fault.marker={marker}", "fault.kind=raise")
-    with pytest.raises(Exception, match="injected failure"):
-        train(cfg)
-    assert marker.exists()
+    overrides = ["name=tracked", f"storage_path={tmp_path}/runs", f"export_dir={tmp_path}/export",
+                 f"data.manifest={shards}", TWO_PHASES, f"tracking.uri={mlflow_server.uri}",
+                 "tracking.experiment=train-test", "scaling.num_workers=1", "checkpoint.every_steps=2",
+                 "logging.tensorboard=false", "fault.global_step=4", "fault.rank=0", f"fault.marker={marker}",
+                 "fault.kind=hang"]
     client = MlflowClient(mlflow_server.uri)
-    (failed,) = runs_named(client, "train-test", "tracked")
-    assert failed["info"]["status"] == "FAILED"
 
-    summary = train(cfg)
-    assert summary["mlflow"]["run_id"] == failed["info"]["run_id"] and summary["mlflow"]["resumed"]
-    assert summary["mlflow"]["failures"] == 0
+    def logged_steps(key: str = "loss") -> list[int]:
+        runs = runs_named(client, "train-test", "tracked")
+        return sorted(m["step"] for m in client.metric_history(runs[0]["info"]["run_id"], key)) if runs else []
+
+    def reachable(fn):
+        try:
+            return fn()
+        except Exception:  # noqa: BLE001 - the server is being restarted
+            return None
+
+    driver_log = tmp_path / "driver.log"
+    with open(driver_log, "wb") as out:
+        driver = subprocess.Popen([sys.executable, "-m", "jobs.train", "--config", str(CONFIGS / "train_tiny.yaml"),
+                                   "--address", ray_session.get_runtime_context().gcs_address, *overrides],
+                                  stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        wait_for(lambda: reachable(logged_steps), 300, "the driver's step 1 on the server")
+        outage = [time.time() * 1000]
+        mlflow_server.restart()
+        outage.append(time.time() * 1000)
+        checkpoint = tmp_path / "runs" / "tracked" / "checkpoint-p00-s0000003"
+        wait_for(lambda: marker.exists() and checkpoint.is_dir() and reachable(logged_steps) == [1, 2, 3, 4], 300,
+                 "rank 0 hung at step 4 after the phase-end checkpoint, steps 1-4 on the server")
+        assert driver.poll() is None, driver_log.read_text()[-3000:]
+        os.kill(driver.pid, signal.SIGKILL)
+        assert driver.wait(30) == -signal.SIGKILL
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+    client = MlflowClient(mlflow_server.uri)
+    (killed,) = runs_named(client, "train-test", "tracked")
+    assert killed["info"]["status"] == "RUNNING"  # nobody was left to close it
+    loss = client.metric_history(killed["info"]["run_id"], "loss")
+    during = [m["step"] for m in loss if outage[0] <= m["timestamp"] <= outage[1]]
+    assert during, f"no step was logged while the server was down {outage}: {[(m['step'], m['timestamp']) for m in loss]}"
+
+    cfg = tiny_config(tmp_path, shards, "tracked", *overrides[4:])
+    summary = train(cfg)  # the same name again (the marker exists: no hang)
+    assert summary["mlflow"]["run_id"] == killed["info"]["run_id"] and summary["mlflow"]["resumed"]
+    assert summary["mlflow"]["failures"] == 0 and summary["metrics"]["global_step"] == 6
     (run,) = runs_named(client, "train-test", "tracked")
     run_id = run["info"]["run_id"]
     assert run["info"]["status"] == "FINISHED"
@@ -125,7 +156,7 @@ def test_training_run_failed_and_rerun_is_one_mlflow_run(ray_session, shards, tm
     assert tags["slime.resumes"] == "1" and tags["phase"] == "II-local" and tags["phase.0"] == "I-a"
 
     loss = client.metric_history(run_id, "loss")
-    assert sorted({m["step"] for m in loss}) == list(range(1, 7))  # continuous across phases and the re-run
+    assert sorted({m["step"] for m in loss}) == list(range(1, 7))  # continuous across phases, outage and kill
     assert sorted(m["step"] for m in loss) == [1, 2, 3, 4, 4, 5, 6]
     phase_of = {m["step"]: m["value"] for m in client.metric_history(run_id, "phase_index")}
     assert phase_of == {1: 0, 2: 0, 3: 0, 4: 1, 5: 1, 6: 1}
@@ -252,11 +283,13 @@ def test_scheduled_ticks_register_and_promote_by_alias_only_when_the_gate_passes
     assert sorted(decisions) == ["promoted", "promoted", "rejected"]
 
 
-def test_embedded_store_default_and_resume(shards, tmp_path):  # noqa: F811
+def test_embedded_store_default_and_resume(shards, tmp_path, mlflow_server):  # noqa: F811
     """No tracking.uri: the driver's side starts ``mlflow server`` on SQLite + artifacts in
     <parent of storage_path>/mlflow, records the run with the store's identity (not the server's port), so a
-    later session on the same run directory reopens the run through a server at another address; the UI
-    command names that store; the server is stopped with the session."""
+    later session on the same run directory reopens the run through a server at another address; the server
+    is stopped with the session; the command ``make demo`` prints at its end (``pipelines.demo.mlflow_ui_note``)
+    then opens the MLflow UI and API on that store, with the run in it. (The store starts from an empty store
+    with MLflow's schema: the module's server covers a brand-new store's migrations.)"""
     from pipelines.train.config import expand_phases
     from pipelines.train.mlflow_run import TrainTracking
 
@@ -266,7 +299,9 @@ def test_embedded_store_default_and_resume(shards, tmp_path):  # noqa: F811
     log.write_text("".join(json.dumps({"phase": p.name, "phase_index": i, "global_step": 3 * i + s, "loss": 1.0 / s,
                                        "samples_per_s": 2.0, "tokens_per_s": 9.0}) + "\n"
                            for i, p in enumerate(phases) for s in (1, 2, 3)))
-    session = TrainTracking.open(cfg, phases, [3, 3])
+    (tmp_path / "mlflow").mkdir()
+    shutil.copy(mlflow_server.empty_store, tmp_path / "mlflow" / "mlflow.db")  # the schema; the module's server
+    session = TrainTracking.open(cfg, phases, [3, 3])  # started on a fresh store (migrations included)
     try:
         assert session.store == str(tmp_path / "mlflow") and session.run, "tracking did not start"
         done = session.finish(cfg, status="FINISHED", log_uri=str(log))
@@ -287,44 +322,45 @@ def test_embedded_store_default_and_resume(shards, tmp_path):  # noqa: F811
     assert (tmp_path / "mlflow" / "mlflow.db").is_file() and (tmp_path / "mlflow" / "artifacts").is_dir()
     assert f"sqlite:///{tmp_path}/mlflow/mlflow.db" in done["ui"]
 
+    # `make demo`'s last words (pipelines.demo): the command they print opens the UI and API on this store
+    import shlex
+    import signal
+    import subprocess
 
-@pytest.mark.extended  # a Ray training run each: make test-extended
-@pytest.mark.integration
-def test_server_stopped_mid_run_does_not_fail_the_run(ray_session, shards, tmp_path, mlflow_server):  # noqa: F811
-    """The module's server, stopped once rank 0's step 2 reached it (so this test is the module's last: a
-    second server would cost ~10 s of start-up): the run trains all its steps, exports, and reports the
-    failed MLflow calls instead of raising."""
-    from pipelines.train.loop import train
+    import requests
 
-    server = mlflow_server
-    client = MlflowClient(server.uri)
-    stopped = threading.Event()
+    from pipelines.demo import mlflow_ui_note
+    from pipelines.serve.ingress import free_port
 
-    def stop_at_step_2() -> None:
-        deadline = time.monotonic() + 300
-        while time.monotonic() < deadline and server.process.poll() is None:
-            try:
-                (run,) = runs_named(client, "stop-test", "stopped") or [None]
-                if run and any(m["step"] >= 2 for m in client.metric_history(run["info"]["run_id"], "loss")):
-                    server.stop()
-                    stopped.set()
-                    return
-            except Exception:  # noqa: BLE001 - the run may not exist yet
-                pass
-            time.sleep(0.2)  # polling interval of the condition above
+    note = mlflow_ui_note(done)
+    assert mlflow_ui_note(None) is None and note.splitlines()[-1].strip() == done["ui"]
+    command, url = [part.strip() for part in note.splitlines()[-1].split("# then open")]
+    argv = shlex.split(command)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    while "=" in argv[0]:  # VAR=value prefixes, as a shell would take them
+        key, value = argv.pop(0).split("=", 1)
+        env[key] = value
+    port = free_port()  # the printed 5000 may be taken on a shared machine: the same command on a free port
+    assert argv[argv.index("--port") + 1] == "5000" and url == "http://127.0.0.1:5000"
+    argv[argv.index("--port") + 1] = str(port)
+    with open(tmp_path / "ui.log", "wb") as log:
+        ui = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
 
-    watcher = threading.Thread(target=stop_at_step_2, daemon=True)
-    watcher.start()
+    def shows_the_run() -> bool:
+        assert ui.poll() is None, (tmp_path / "ui.log").read_text()[-2000:]
+        try:
+            r = requests.get(f"{base}/api/2.0/mlflow/runs/get", params={"run_id": done["run_id"]}, timeout=10)
+        except requests.RequestException:
+            return False
+        return r.status_code == 200 and r.json()["run"]["info"]["run_id"] == done["run_id"]
+
     try:
-        cfg = tiny_config(tmp_path, shards, "stopped", f"tracking.uri={server.uri}", "tracking.experiment=stop-test",
-                          "phases=[{name: I-a, trainable: [projector], mode: global, forced_expert: 0, lr: 1.0e-3, "
-                          "steps: 8}]", "scaling.num_workers=1", "checkpoint.every_steps=8",
-                          "logging.tensorboard=false")
-        summary = train(cfg)
+        wait_for(shows_the_run, 180, "the printed UI command to serve the demo's run")
+        page = requests.get(base + "/", timeout=30)
+        assert page.status_code == 200 and "<html" in page.text.lower()  # the UI itself
+        found = MlflowClient(base).search_runs(MlflowClient(base).experiment_id("slime"))
+        assert done["run_id"] in {r["info"]["run_id"] for r in found}
     finally:
-        watcher.join(30)
-    assert stopped.is_set(), "the server was never stopped mid-run"
-    assert summary["metrics"]["global_step"] == 8 and storage.exists(f"{tmp_path}/export/EXPORT_COMPLETE")
-    assert summary["mlflow"]["failures"] >= 1  # counted and reported, not raised
-    rows = [json.loads(line) for line in open(summary["metrics_log"]) if "event" not in line]
-    assert [r["global_step"] for r in rows] == list(range(1, 9))
+        os.killpg(ui.pid, signal.SIGTERM)
+        ui.wait(30)

@@ -7,8 +7,9 @@
     engine        one construction path for vLLM engines: serving, batch inference, evaluation
     vllm_model    SliME as an out-of-tree vLLM multimodal model (wraps slime/ modules)
     vllm_plugin   the vllm.general_plugins entry point that registers it (light: names, no model import)
+    follow        ``slime serve --follow``: roll the app when an MLflow registry alias moves (AliasFollower)
 
-May import: ``pipelines.storage``, ``slime``, ray.serve, fastapi, vllm. Never ``pipelines.train`` (the
+May import: ``pipelines.storage``, ``pipelines.tracking``, ``slime``, ray.serve, fastapi, vllm. Never ``pipelines.train`` (the
 training loop), ``pipelines.data``, ``pipelines.lifecycle``, ``evaluate`` or ``demo``: a replica needs
 only a checkpoint path.
 

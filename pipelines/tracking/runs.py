@@ -84,11 +84,16 @@ class RunTracker:
             return False
 
     def _sender(self) -> None:
+        ok = True
         while True:
-            item = self.wake.get()
+            try:  # after a failure, values stay queued: try again in a second even if no step comes (a hung
+                item = self.wake.get(timeout=None if ok else 1.0)  # or finished phase must not strand them)
+            except queue.Empty:
+                item = None
             if item == "stop":
                 return
-            if not self.flush():
+            ok = self.flush()
+            if not ok:
                 time.sleep(1.0)  # a failing server: back off instead of retrying each step
 
     def set_tags(self, tags: dict[str, str]) -> None:

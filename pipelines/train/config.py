@@ -179,13 +179,14 @@ class TrackingSection:
 
 @dataclass(frozen=True, kw_only=True)
 class FaultConfig:
-    """Fault injection for drills and tests: rank ``rank`` exits at ``global_step`` unless ``marker``
-    exists (it is created first, so only the first attempt dies)."""
+    """Fault injection for drills and tests: rank ``rank`` exits (``exit``), raises (``raise``) or hangs for
+    good (``hang``: a stuck rank, until something kills it, e.g. the driver killed from outside) at
+    ``global_step`` unless ``marker`` exists (it is created first, so only the first attempt fails)."""
 
     global_step: int | None = None
     rank: int = 0
     marker: str | None = None
-    kind: Literal["exit", "raise"] = "exit"
+    kind: Literal["exit", "raise", "hang"] = "exit"
 
 
 @dataclass(frozen=True, kw_only=True)

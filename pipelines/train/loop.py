@@ -21,6 +21,7 @@ import json
 import math
 import os
 import tempfile
+import threading
 import time
 
 import torch
@@ -225,6 +226,8 @@ def _maybe_fail(cfg: TrainConfig, global_step: int, rank: int) -> None:
     print(f"[fault] rank {rank} dies at global step {global_step}", flush=True)
     if f.kind == "exit":
         os._exit(1)
+    if f.kind == "hang":
+        threading.Event().wait()  # never set: this rank is stuck until its process is killed
     raise RuntimeError(f"injected failure at global step {global_step}")
 
 
