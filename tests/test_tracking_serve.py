@@ -17,7 +17,8 @@ import time
 import pytest
 import requests
 
-pytestmark = pytest.mark.integration
+# ~3 min (a vLLM endpoint started, then rolled twice): make test-extended, outside make test's 20-minute budget
+pytestmark = [pytest.mark.integration, pytest.mark.extended]
 
 APP, KEY, MODEL_ID, NAME = "slime-follow", "follow-key", "slime-tiny", "served"
 ROLL_DEADLINE_S = 300  # a new vLLM replica starts in 20-80 s on 2 busy cores
