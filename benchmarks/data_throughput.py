@@ -71,8 +71,8 @@ def _role(proc) -> str:
     """What a process of this run is, from its title (Ray names workers ``ray::<actor or task>``)."""
     try:
         title = " ".join(proc.cmdline()) or proc.name()
-    except Exception:  # noqa: BLE001 - gone, or not ours to read
-        return "other"
+    except Exception:  # noqa: BLE001 - exited, not yet reaped: a DataLoader worker that finished its shards
+        return "DataLoader workers"
     if "Preprocessor" in title:
         return "Preprocessor actors"
     if title.startswith("ray::"):
