@@ -67,7 +67,8 @@ def endpoint(ray_session, moto_s3, models):
     port = free_port()
     serve.shutdown()  # an earlier module's Serve keeps its own HTTP port: start ours fresh
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    args = dict(model=models["base"], model_id="base", api_key=KEY, engine="vllm", num_cpus=0.25, max_tokens=32,
+    # cpu_threads=2: the engine computes on both cores though Ray gives a 0.25-CPU replica one OMP thread (tested below)
+    args = dict(model=models["base"], model_id="base", api_key=KEY, engine="vllm", num_cpus=0.25, cpu_threads=2, max_tokens=32,
                 adapters={"a1": models["a1"]}, lora_dir=f"s3://{bucket}/lora", max_loras=2, max_cpu_loras=2, max_lora_rank=8,
                 env={"AWS_ENDPOINT_URL": moto_s3, "AWS_ACCESS_KEY_ID": "testing",
                      "AWS_SECRET_ACCESS_KEY": "testing", "AWS_DEFAULT_REGION": "us-east-1"})
@@ -191,3 +192,28 @@ def test_unservable_adapters_are_400s_naming_why_and_the_replica_stays_up(client
     assert httpx.get(f"{endpoint['url']}/healthz").status_code == 200
     ok = client.chat.completions.create(model="a1", messages=[{"role": "user", "content": "hi"}], max_tokens=2)
     assert ok.model == "a1" and ok.choices[0].finish_reason in ("stop", "length")
+
+
+def test_the_engine_computes_on_cpu_threads_not_on_rays_one(client):
+    """``cpu_threads=2`` on this 0.25-CPU replica (Ray gives it ``OMP_NUM_THREADS=1``): its vLLM engine core (a
+    process the replica spawns) computes on 2 threads; with Ray's default its second thread does no work."""
+    import psutil
+    import ray
+    from ray.util.state import list_actors
+
+    alive = list_actors(address=ray.get_runtime_context().gcs_address, filters=[("state", "=", "ALIVE")])
+    replicas = [a.pid for a in alive if a.class_name.startswith(f"ServeReplica:{APP}:")]
+    cores = [c for pid in replicas for c in psutil.Process(pid).children(recursive=True) if "EngineCore" in c.name()]
+    assert cores, f"no vLLM engine core under the replicas {replicas}"
+
+    def cpu_s() -> dict:
+        return {(c.pid, t.id): t.user_time + t.system_time for c in cores for t in c.threads()}
+
+    before = cpu_s()
+    for i in range(6):
+        reply = client.chat.completions.create(model="base", messages=messages(f"colour {i}?", picture(96, 72, seed=i)),
+                                               max_tokens=16)
+        assert reply.usage.completion_tokens >= 1
+    used = sorted((v - before.get(k, 0.0) for k, v in cpu_s().items()), reverse=True)
+    # OpenMP splits each matmul across its threads: the second-busiest thread does a real share of the work
+    assert used[0] > 0 and used[1] > 0.2 * used[0], f"per-thread CPU seconds {used[:4]}"
