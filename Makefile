@@ -76,7 +76,7 @@ demo: setup mlflow
 test: setup harness mlflow
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q
 
-test-extended: setup harness mlflow   # the long fault-injection runs outside make test (multi-node ZeRO-2 and serving, MLflow endpoint roll): ~8 min
+test-extended: setup harness mlflow   # the long fault-injection runs outside make test (multi-node ZeRO-2 and serving, MLflow endpoint roll): ~6 min
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q -m extended
 
 bench: setup
