@@ -14,10 +14,12 @@ from benchmarks.node_loss import SERVE_APP, SERVE_DEPLOYMENT, SERVE_MODEL_ID, pn
 
 def replica_nodes(app: str = SERVE_APP) -> dict[str, str]:
     """Live Serve replica actors of ``app`` -> node id."""
+    import ray
     from ray.util.state import list_actors
 
-    return {a.actor_id: a.node_id for a in list_actors(filters=[("state", "=", "ALIVE")])
-            if a.class_name.startswith(f"ServeReplica:{app}:")}
+    # this driver's cluster: without an address the state API refuses when another Ray runs on the machine
+    alive = list_actors(address=ray.get_runtime_context().gcs_address, filters=[("state", "=", "ALIVE")])
+    return {a.actor_id: a.node_id for a in alive if a.class_name.startswith(f"ServeReplica:{app}:")}
 
 
 def running_replicas(app: str = SERVE_APP, deployment: str = SERVE_DEPLOYMENT) -> int:
