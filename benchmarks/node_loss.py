@@ -88,6 +88,22 @@ def read_rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.endswith("}")]
 
 
+def train_watched(cfg, watch, seen: dict, join_s: float = 60.0) -> tuple[dict, float]:
+    """``train(cfg)`` with ``watch`` running beside it in a thread (it ends when ``seen["stop"]`` is set, which
+    happens when training returns or raises) -> (train's summary, seconds it took)."""
+    from pipelines.train.loop import train
+
+    watcher = threading.Thread(target=watch, daemon=True)
+    watcher.start()
+    started = time.monotonic()
+    try:
+        summary = train(cfg)
+    finally:
+        seen["stop"] = True
+        watcher.join(timeout=join_s)
+    return summary, time.monotonic() - started
+
+
 def train_case(cluster, data: str, base: str, work: str, *, phases: int = 4, name: str = "multinode") -> dict:
     """The README's tiny schedule (train_tiny.yaml, its first ``phases`` phases; the LR schedule and the seeds are
     per phase, so the first phases' losses do not depend on the later ones) with its 2 DDP workers on 2 worker
@@ -99,7 +115,6 @@ def train_case(cluster, data: str, base: str, work: str, *, phases: int = 4, nam
 
     from pipelines import storage
     from pipelines.train.config import TrainConfig
-    from pipelines.train.loop import train
     from slime.config import load_config
 
     cfg = load_config(TrainConfig, str(CONFIGS / "train_tiny.yaml"), [
@@ -140,15 +155,7 @@ def train_case(cluster, data: str, base: str, work: str, *, phases: int = 4, nam
                 return
             time.sleep(0.2)
 
-    watcher = threading.Thread(target=lose_a_node, daemon=True)
-    watcher.start()
-    started = time.monotonic()
-    try:
-        summary = train(cfg)
-    finally:
-        seen["stop"] = True
-        watcher.join(timeout=60)
-    took = time.monotonic() - started
+    summary, took = train_watched(cfg, lose_a_node, seen)
     if "error" in seen:
         raise RuntimeError(f"the node-loss watcher failed: {seen['error']}")
     if "killed_at" not in seen:

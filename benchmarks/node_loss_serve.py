@@ -5,11 +5,10 @@ each of two worker nodes under load from the official ``openai`` client; one nod
 from __future__ import annotations
 
 import json
-import threading
 import time
-from typing import Self
 
 from benchmarks.node_loss import SERVE_APP, SERVE_DEPLOYMENT, SERVE_MODEL_ID, png_url, poll, say
+from benchmarks.serve_parts import ClientThreads
 
 
 def replica_nodes(app: str = SERVE_APP) -> dict[str, str]:
@@ -29,22 +28,24 @@ def running_replicas(app: str = SERVE_APP, deployment: str = SERVE_DEPLOYMENT) -
     return status.deployments[deployment].replica_states.get("RUNNING", 0) if status else 0
 
 
-class ChatLoad:
+class ChatLoad(ClientThreads):
     """``clients`` threads, each an ``openai.OpenAI`` (with its own retries) posting a text + image chat request
     in a closed loop until stopped, plus one thread polling ``/healthz`` every 0.25 s. Records every request
     (start, end, ok, error), every HTTP attempt (status or the connection error) and every health probe."""
 
+    join_s = 150.0
+
     def __init__(self, base_url: str, clients: int = 3, max_tokens: int = 8, max_retries: int = 2) -> None:
+        super().__init__()
         self.base_url, self.max_retries = base_url, max_retries
-        self.stop, self.lock = threading.Event(), threading.Lock()
         self.requests: list[dict] = []  # {"start", "end", "ok", "error"}
         self.attempts: list[dict] = []  # {"t", "status"} (-1: no response)
         self.health: list[tuple[float, int]] = []
         self.messages = [{"role": "user", "content": [{"type": "text", "text": "describe the picture"},
                                                       {"type": "image_url", "image_url": {"url": png_url()}}]}]
         self.max_tokens = max_tokens
-        self.threads = [threading.Thread(target=self._client, daemon=True) for _ in range(clients)]
-        self.threads.append(threading.Thread(target=self._health, daemon=True))
+        self.spawn(self._client, clients)
+        self.spawn(self._health)
 
     def _client(self) -> None:
         import httpx
@@ -96,15 +97,6 @@ class ChatLoad:
         with self.lock:
             return sum(r["ok"] for r in self.requests)
 
-    def __enter__(self) -> Self:
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(timeout=150)
 
 
 def serve_case(cluster, model: str, *, clients: int = 3, after_s: float = 5.0, timeout_s: float = 300.0) -> dict:

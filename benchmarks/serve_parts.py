@@ -53,6 +53,30 @@ def body(max_tokens: int, image: str = MAIN_IMAGE, gamma: float | None = None, *
     return out
 
 
+class ClientThreads:
+    """Threads running until stopped, around a ``with`` block: closed-loop clients, probes. Subclasses add their
+    targets with ``spawn`` and record under ``self.lock``; leaving the block sets ``self.stop`` and joins."""
+
+    join_s = 120.0
+
+    def __init__(self) -> None:
+        self.stop, self.lock = threading.Event(), threading.Lock()
+        self.threads: list[threading.Thread] = []
+
+    def spawn(self, target, count: int = 1) -> None:
+        self.threads += [threading.Thread(target=target, daemon=True) for _ in range(count)]
+
+    def __enter__(self):
+        for t in self.threads:
+            t.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(timeout=self.join_s)
+
+
 def summarize(latencies: list[float], tokens: int, failed: int, elapsed: float, visual: float | None) -> dict:
     if not latencies:
         return {"tok_s": 0.0, "rps": 0.0, "p50": None, "p99": None, "n": 0, "failed": failed, "tok_req": None,

@@ -17,7 +17,6 @@ Serving: two vLLM replicas on two nodes under openai-client load, one node lost:
 from __future__ import annotations
 
 import json
-import threading
 import time
 from pathlib import Path
 
@@ -108,10 +107,9 @@ def test_deepspeed_zero2_across_two_nodes_equals_the_single_node_run(cluster, re
     order; ZeRO-2 reduce-scatters the same gradients DDP all-reduces)."""
     import dataclasses
 
-    from benchmarks.node_loss import CONFIGS, read_rows, train_workers
+    from benchmarks.node_loss import CONFIGS, read_rows, train_watched, train_workers
     from pipelines import storage
     from pipelines.train.config import TrainConfig
-    from pipelines.train.loop import train
     from slime.config import load_config
 
     base = f"s3://{s3_bucket}"
@@ -131,20 +129,13 @@ def test_deepspeed_zero2_across_two_nodes_equals_the_single_node_run(cluster, re
             seen["workers"] = train_workers()
             time.sleep(0.5)
 
-    watcher = threading.Thread(target=record_workers, daemon=True)
-    watcher.start()
-    started = time.monotonic()
-    try:
-        summary = train(cfg)
-    finally:
-        seen["stop"] = True
-        watcher.join(timeout=30)
+    summary, took = train_watched(cfg, record_workers, seen, join_s=30)
     losses = [r["loss"] for r in read_rows(tmp_path / "logs" / "metrics.jsonl") if "event" not in r]
     golden = json.loads(GOLDEN.read_text())["losses"][:4]
     nodes = {cluster.node_id(i): i for i in cluster.workers()}
     workers = sorted(nodes.get(n, -1) for n in seen.get("workers", {}).values())
     print(f"[multinode] zero2: workers on worker nodes {workers}; losses {[round(x, 6) for x in losses]} vs golden "
-          f"{golden}; run {time.monotonic() - started:.0f} s")
+          f"{golden}; run {took:.0f} s")
     assert len(workers) == 2 and len(set(workers)) == 2 and -1 not in workers, seen.get("workers")
     assert summary["metrics"]["global_step"] == 4 and storage.exists(f"{base}/models/zero2/EXPORT_COMPLETE")
     assert losses == pytest.approx(golden, rel=1e-3), "ZeRO-2 on two nodes != the single-node DDP run"

@@ -6,11 +6,12 @@ from __future__ import annotations
 import base64
 import io
 import socket
-import threading
 import time
 
 import pytest
 from PIL import Image
+
+from benchmarks.serve_parts import ClientThreads
 
 pytestmark = pytest.mark.integration
 
@@ -109,13 +110,13 @@ def wait_for(predicate, timeout_s: float, what: str) -> float:
     return time.monotonic() - start
 
 
-class Load:
+class Load(ClientThreads):
     """Client threads posting chat requests until stopped; records every status and fingerprint."""
 
     def __init__(self, base_url: str, threads: int, max_tokens: int = 32) -> None:
         import httpx
 
-        self.stop, self.lock = threading.Event(), threading.Lock()
+        super().__init__()
         self.statuses: list[int] = []
         self.fingerprints: list[str] = []
         self.errors: list[str] = []
@@ -137,17 +138,7 @@ class Load:
                             self.statuses.append(-1)
                             self.errors.append(repr(e))
 
-        self.threads = [threading.Thread(target=run, daemon=True) for _ in range(threads)]
-
-    def __enter__(self) -> Load:
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(timeout=120)
+        self.spawn(run, threads)
 
 
 def test_health_models_and_auth(http):

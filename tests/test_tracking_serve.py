@@ -17,6 +17,8 @@ import time
 import pytest
 import requests
 
+from benchmarks.serve_parts import ClientThreads
+
 # ~3 min (a vLLM endpoint started, then rolled twice): make test-extended, outside make test's 20-minute budget
 pytestmark = [pytest.mark.integration, pytest.mark.extended]
 
@@ -85,12 +87,12 @@ def ask(client) -> str:
     return r.system_fingerprint
 
 
-class Traffic:
+class Traffic(ClientThreads):
     """Threads asking through the openai client until stopped (each pausing ``pause_s`` between requests):
     every fingerprint and every failure."""
 
     def __init__(self, client, threads: int = 2, pause_s: float = 0.05) -> None:
-        self.stop, self.lock = threading.Event(), threading.Lock()
+        super().__init__()
         self.fingerprints: list[str] = []
         self.errors: list[str] = []
 
@@ -105,17 +107,7 @@ class Traffic:
                         self.errors.append(repr(e)[:300])
                 self.stop.wait(pause_s)  # steady traffic, not a flood that starves the new replica's start
 
-        self.threads = [threading.Thread(target=run, daemon=True) for _ in range(threads)]
-
-    def __enter__(self) -> Traffic:
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop.set()
-        for t in self.threads:
-            t.join(timeout=120)
+        self.spawn(run, threads)
 
     def until_served(self, fp: str, timeout_s: float) -> float:
         """Seconds until 3 answers in a row came from ``fp`` (polls the recorded answers)."""
