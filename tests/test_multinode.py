@@ -25,8 +25,6 @@ import pytest
 from tests.conftest import start_embedded_ray
 
 GOLDEN = Path(__file__).resolve().parent / "assets" / "losses" / "tiny_ddp.json"
-# In make test: training, data, counters, the scheduler tick (~2.5 min with the cluster's start). ZeRO-2 across nodes
-# and serving's node loss (~2 min each) are `extended` (make test-extended): the suite's 20-minute budget.
 pytestmark = [pytest.mark.integration]
 
 
@@ -100,25 +98,35 @@ def test_training_across_two_nodes_survives_losing_one(cluster, readme_data, s3_
     assert out["losses"] == pytest.approx(golden, rel=1e-3), "two nodes (with a node lost) != the single-node run"
 
 
-@pytest.mark.extended
-def test_deepspeed_zero2_across_two_nodes_equals_the_single_node_run(cluster, readme_data, s3_bucket, tmp_path):
-    """DeepSpeed ZeRO-2 (fp32 on CPU) with its 2 workers on 2 worker nodes, checkpoints and export on S3, the tiny
-    schedule's first phase: its losses equal the single-node DDP golden's first 4 (same global batch, same data
-    order; ZeRO-2 reduce-scatters the same gradients DDP all-reduces)."""
+def test_deepspeed_zero2_across_two_nodes_resumes_and_equals_the_single_node_run(cluster, readme_data, s3_bucket,
+                                                                                tmp_path):
+    """DeepSpeed ZeRO-2 (fp32 on CPU, torch AdamW instance) with its 2 workers on 2 worker nodes, checkpoints and
+    export on S3, the tiny schedule's first phase with a checkpoint every 2 steps; the worker of rank 1 dies after
+    global step 3. The mid-phase checkpoint holds DeepSpeed's shards and the phase's start model by reference; the
+    run resumes from it to the configured step count; every step's loss (the retrained step 3 included) equals the
+    single-node DDP golden's (same global batch, same data order; ZeRO-2 reduce-scatters the gradients DDP
+    all-reduces, and the resume restores optimizer state, RNG and data position); frozen weights stay bit-identical."""
     import dataclasses
+
+    import torch
+    from safetensors.torch import load_file
 
     from benchmarks.node_loss import CONFIGS, read_rows, train_watched, train_workers
     from pipelines import storage
     from pipelines.train.config import TrainConfig
     from slime.config import load_config
+    from slime.storage import local_copy
 
     base = f"s3://{s3_bucket}"
     while len(cluster.workers()) < 2:
         cluster.add_worker()
+    marker = tmp_path / "fault-marker"  # one machine: every node sees this path
     cfg = load_config(TrainConfig, str(CONFIGS / "train_tiny.yaml"), [
         "name=zero2-multinode", f"storage_path={base}/runs", f"export_dir={base}/models/zero2",
         f"data.manifest={readme_data}", "scaling.resources_per_worker={CPU: 1, slime_worker: 1}",
         "engine.kind=deepspeed", f"engine.deepspeed={CONFIGS / 'deepspeed_zero2.yaml'}",
+        "checkpoint.every_steps=2", "checkpoint.num_to_keep=null",
+        "fault.global_step=3", "fault.rank=1", f"fault.marker={marker}",
         f"logging.local_dir={tmp_path}/logs", "logging.tensorboard=false"])
     cfg = dataclasses.replace(cfg, phases=cfg.phases[:1])
     seen: dict = {}
@@ -130,15 +138,30 @@ def test_deepspeed_zero2_across_two_nodes_equals_the_single_node_run(cluster, re
             time.sleep(0.5)
 
     summary, took = train_watched(cfg, record_workers, seen, join_s=30)
-    losses = [r["loss"] for r in read_rows(tmp_path / "logs" / "metrics.jsonl") if "event" not in r]
+    rows = read_rows(tmp_path / "logs" / "metrics.jsonl")
+    steps, events = [r for r in rows if "event" not in r], [r for r in rows if "event" in r]
+    losses = {r["global_step"]: r["loss"] for r in steps}  # the retrained step's value is the later one
     golden = json.loads(GOLDEN.read_text())["losses"][:4]
     nodes = {cluster.node_id(i): i for i in cluster.workers()}
     workers = sorted(nodes.get(n, -1) for n in seen.get("workers", {}).values())
-    print(f"[multinode] zero2: workers on worker nodes {workers}; losses {[round(x, 6) for x in losses]} vs golden "
-          f"{golden}; run {took:.0f} s")
+    print(f"[multinode] zero2: workers on worker nodes {workers}; steps {[r['global_step'] for r in steps]}; losses "
+          f"{[round(x, 6) for x in losses.values()]} vs golden {golden}; run {took:.0f} s")
     assert len(workers) == 2 and len(set(workers)) == 2 and -1 not in workers, seen.get("workers")
+    assert marker.exists(), "the injected failure never fired"
+    assert [e["global_step"] for e in events if e["event"] == "resume"] == [2]
+    assert [r["global_step"] for r in steps] == [1, 2, 3, 3, 4]
     assert summary["metrics"]["global_step"] == 4 and storage.exists(f"{base}/models/zero2/EXPORT_COMPLETE")
-    assert losses == pytest.approx(golden, rel=1e-3), "ZeRO-2 on two nodes != the single-node DDP run"
+    assert list(losses.values()) == pytest.approx(golden, rel=1e-3), "ZeRO-2 on two nodes != the single-node DDP run"
+    run = f"{base}/runs/zero2-multinode"
+    mid = f"{run}/checkpoint-p00-s0000002"  # training state only: DeepSpeed's shards over the phase's start model
+    assert storage.exists(f"{mid}/deepspeed/latest") and not storage.exists(f"{mid}/model/model.safetensors")
+    assert json.loads(storage.read_bytes(f"{mid}/train_state.json"))["base_model"] == f"{run}/init_model"
+    end = json.loads(storage.read_bytes(f"{run}/checkpoint-p00-s0000004/train_state.json"))
+    init = load_file(f"{local_copy(f'{run}/init_model')}/model.safetensors")
+    final = load_file(f"{local_copy(end['model'])}/model.safetensors")
+    changed = {k for k in final if not torch.equal(init[k], final[k])}
+    assert changed and all(k.startswith("projector.") for k in changed), sorted(changed)[:5]
+
 
 def test_data_pipeline_loses_a_node_mid_epoch(cluster, readme_data, tmp_path):
     """Ray Data reads and preprocesses the README's shards with Preprocessor actors spread over the nodes; the

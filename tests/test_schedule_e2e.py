@@ -10,6 +10,13 @@ Which shards a run read comes from the run itself (its read tasks, in the model'
 The tiny random models all score accuracy 0, so before tick 3 production's recorded accuracy is set to
 0.5 by hand: the real candidate (0.0) then fails ``>= 0.5 - 0.05``. Promoting a fine-tuned candidate is
 covered in tests/test_scheduler.py; here tick 1 exercises the rollout.
+
+The MLflow mirror is on (a real ``mlflow server``): tick 1 registers version 1 and points ``champion`` at it, tick
+3 registers its candidate as version 2, tagged rejected, ``champion`` stays. From tick 1 on, the Serve app is
+followed the way ``slime serve --model models:/NAME@champion --follow S`` follows it (``AliasFollower`` on the same
+app): the rejected tick rolls nothing; then ``champion`` is moved to version 2 by hand with MLflow's REST API
+(what the UI does: an operator overriding the gate) and the endpoint rolls to that checkpoint while the official
+``openai`` client keeps asking, with no failed request.
 """
 
 from __future__ import annotations
@@ -17,13 +24,17 @@ from __future__ import annotations
 import hashlib
 import json
 import socket
+import threading
+import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import httpx
 import pytest
+import requests
 import yaml
 
+from benchmarks.serve_parts import ClientThreads
 from pipelines.data.pack import PackConfig, pack
 from pipelines.data.synth import SynthConfig, generate
 from pipelines.lifecycle.jobs_client import JobsConfig, RolloutConfig
@@ -33,6 +44,8 @@ from pipelines.lifecycle.scheduler import ScheduleConfig, Scheduler
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.integration
+NAME = "sched-e2e"  # the MLflow registered model the ticks mirror to
+ROLL_DEADLINE_S = 300  # a new vLLM replica starts in 20-80 s on 2 busy cores
 
 
 def _synth_and_pack(root: Path, seed: int, split: str = "train", per_shard: int = 1000) -> None:
@@ -59,8 +72,50 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_ticks_retrain_evaluate_promote_and_roll_serve(ray_session, tmp_path):
+class Traffic(ClientThreads):
+    """Threads asking through the openai client until stopped, pausing ``pause_s`` between requests (steady
+    traffic, not a flood that starves the new replica's start): every fingerprint and every failure."""
+
+    def __init__(self, client, model: str, threads: int = 2, pause_s: float = 0.05) -> None:
+        super().__init__()
+        self.fingerprints: list[str] = []
+        self.errors: list[str] = []
+
+        def run() -> None:
+            while not self.stop.is_set():
+                try:
+                    r = client.chat.completions.create(model=model, max_tokens=4,
+                                                       messages=[{"role": "user", "content": "describe"}])
+                    assert r.choices[0].message.content is not None
+                    with self.lock:
+                        self.fingerprints.append(r.system_fingerprint)
+                except Exception as e:  # noqa: BLE001 - a failed request is what this records
+                    with self.lock:
+                        self.errors.append(repr(e)[:300])
+                self.stop.wait(pause_s)
+
+        self.spawn(run, threads)
+
+    def until_served(self, fp: str, timeout_s: float) -> float:
+        """Seconds until 3 answers in a row came from ``fp`` (polls the recorded answers)."""
+        start = time.monotonic()
+        while self.fingerprints[-3:] != [fp] * 3:
+            assert not self.errors, self.errors[:3]
+            if time.monotonic() - start > timeout_s:
+                raise AssertionError(f"not served by {fp} after {timeout_s} s: {self.fingerprints[-5:]}")
+            time.sleep(0.25)  # polling interval of the condition above
+        return time.monotonic() - start
+
+
+def test_ticks_retrain_evaluate_promote_and_roll_serve(ray_session, mlflow_server, tmp_path):
+    import openai
     from ray import serve
+
+    from pipelines.lifecycle.mlflow_mirror import MlflowSection
+    from pipelines.serve.follow import AliasFollower
+    from pipelines.serve.ingress import ServeArgs
+    from pipelines.tracking.models import resolve_model_uri
+    from slime.config import from_dict
 
     _synth_and_pack(tmp_path, seed=1, per_shard=9)  # 18 samples: 2 shards
     _synth_and_pack(tmp_path, seed=1, split="val")
@@ -82,7 +137,8 @@ def test_ticks_retrain_evaluate_promote_and_roll_serve(ray_session, tmp_path):
                          val=str(tmp_path / "wds-val"), work_dir=str(tmp_path / "work"), tolerance=0.05,
                          jobs=JobsConfig(address="local", train_config=str(tmp_path / "train.yaml"),
                                          eval_config=str(REPO / "jobs/configs/eval_tiny.yaml")),
-                         rollout=RolloutConfig(mode="run", serve_config=str(tmp_path / "serve.yaml"), app_name="sched"))
+                         rollout=RolloutConfig(mode="run", serve_config=str(tmp_path / "serve.yaml"), app_name="sched"),
+                         mlflow=MlflowSection(uri=mlflow_server.uri, model_name=NAME, experiment="sched-e2e"))
     clock = [datetime(2026, 11, 22, 3, 0, tzinfo=UTC)]
     runner = LocalRunner(cfg.jobs, cfg.rollout, cfg.work_dir, cfg.val)
     scheduler = Scheduler(cfg, runner, now=lambda: clock[0])
@@ -106,6 +162,7 @@ def test_ticks_retrain_evaluate_promote_and_roll_serve(ray_session, tmp_path):
     def fingerprint(model_uri: str) -> str:
         return "fp_" + hashlib.sha256(model_uri.encode()).hexdigest()[:12]
 
+    stop_following, follower = threading.Event(), None
     try:
         first = scheduler.tick()
         assert first["decision"] == "promoted", first
@@ -116,6 +173,13 @@ def test_ticks_retrain_evaluate_promote_and_roll_serve(ray_session, tmp_path):
         assert set(_read_by_run(prod.model_uri)) == set(tick1_shards) == set(prod.lineage["shards_read"])
         assert json.loads((Path(cfg.registry) / "versions" / prod.id / "metrics.json").read_text())["num_samples"] > 0
         assert served_fingerprint() == fingerprint(prod.model_uri)
+        assert first["mlflow"]["champion"] == "1", first["mlflow"]
+        assert resolve_model_uri(f"models:/{NAME}@champion", mlflow_server.uri)[0] == prod.model_uri
+        # `slime serve --model models:/sched-e2e@champion --follow 0.5` on the app tick 1 rolled out
+        follower = AliasFollower(from_dict(ServeArgs, {**app["args"], "model": prod.model_uri}),
+                                 f"models:/{NAME}@champion", tracking_uri=mlflow_server.uri, version="1",
+                                 app_name="sched", route_prefix="/sched")
+        threading.Thread(target=follower.run, args=(0.5, stop_following), daemon=True).start()
 
         clock[0] += timedelta(days=1)
         second = scheduler.tick()
@@ -147,5 +211,27 @@ def test_ticks_retrain_evaluate_promote_and_roll_serve(ray_session, tmp_path):
         ticks = [d for d in registry.decisions() if "decision" in d]  # promotions log too
         assert [d["decision"] for d in ticks[-3:]] == ["promoted", "kept", "rejected"]
         assert ticks[-1]["reason"] == third["reason"]
+        # MLflow: the candidate is version 2, tagged rejected; champion stayed, so the follower rolled nothing
+        assert third["mlflow"]["versions"] == {prod.id: "1", candidate.id: "2"}, third["mlflow"]
+        assert third["mlflow"]["champion"] == "1" and follower.rolls == [] and follower.failures == 0
+
+        # champion moved to version 2 by hand (the UI's REST call): the endpoint rolls to its checkpoint under load
+        client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/sched/v1", api_key="x", max_retries=0, timeout=120)
+        with Traffic(client, app["args"]["model_id"]) as traffic:
+            while not traffic.fingerprints:  # traffic flows before the move
+                assert not traffic.errors, traffic.errors[:3]
+                time.sleep(0.1)  # polling interval of the condition above
+            r = requests.post(f"{mlflow_server.uri}/api/2.0/mlflow/registered-models/alias",
+                              json={"name": NAME, "alias": "champion", "version": "2"}, timeout=30)
+            assert r.status_code == 200, r.text
+            took = traffic.until_served(fingerprint(candidate.model_uri), ROLL_DEADLINE_S)
+        assert not traffic.errors, traffic.errors[:3]
+        assert set(traffic.fingerprints) <= {fingerprint(prod.model_uri), fingerprint(candidate.model_uri)}
+        deadline = time.monotonic() + 120  # serve.run returns once the old replica is gone too
+        while follower.rolls != ["2"]:
+            assert time.monotonic() < deadline and follower.failures == 0, (follower.rolls, follower.failures)
+            time.sleep(0.25)  # polling interval of the condition above
+        print(f"manual alias move: served after {took:.1f} s, {len(traffic.fingerprints)} requests, none failed")
     finally:
+        stop_following.set()
         serve.shutdown()

@@ -16,6 +16,7 @@ import shutil
 import time
 
 import pytest
+import requests
 
 from pipelines import storage
 from pipelines.tracking.client import MAX_PARAM_VALUE, MlflowClient, flatten_params
@@ -249,6 +250,7 @@ def test_scheduled_ticks_register_and_promote_by_alias_only_when_the_gate_passes
     a better model (-> 2), tick 3 a worse one: registered, tagged rejected, ``champion`` stays on 2. The
     rolled-out model is the one ``models:/NAME@champion`` resolves to; each tick is a run with its decision."""
     from pipelines.lifecycle.mlflow_mirror import MlflowSection
+    from pipelines.lifecycle.registry import Registry
     from pipelines.lifecycle.scheduler import ScheduleConfig, Scheduler
     from pipelines.tracking.models import ModelRegistry, resolve_model_uri
     from tests.test_scheduler import Clock, FileRunner, write_manifest
@@ -281,6 +283,23 @@ def test_scheduled_ticks_register_and_promote_by_alias_only_when_the_gate_passes
     ticks = client.search_runs(client.experiment_id("ticks"))
     decisions = [{x["key"]: x["value"] for x in t["data"]["tags"]}["slime.decision"] for t in ticks]
     assert sorted(decisions) == ["promoted", "promoted", "rejected"]
+
+    # An operator moves champion back to version 1 by hand (the UI's REST call): the next tick adopts it as
+    # production (the file registry's pointer, then the rollout), instead of moving the alias back to 2.
+    r = requests.post(f"{mlflow_server.uri}/api/2.0/mlflow/registered-models/alias",
+                      json={"name": "scheduled", "alias": "champion", "version": "1"}, timeout=30)
+    assert r.status_code == 200, r.text
+    fourth = Scheduler(cfg, runner, now=clock).tick()
+    assert fourth["alias_moved_by_hand"] == {"mlflow_version": "1", "mirror_had": "2",
+                                             "adopted": records[0]["version"], "previous": records[1]["version"]}
+    reg = Registry(cfg.registry)
+    assert fourth["recovered_rollout"] == records[0]["version"] == reg.production().id == reg.serving()
+    assert "by hand" in reg.production().verdict["reason"]
+    # then the tick goes on from the adopted production: v1 has not seen 4 of the shards -> a candidate (0.3),
+    # gated against v1's 0.5 -> rejected; champion stays where the operator put it
+    assert fourth["decision"] == "rejected" and fourth["production"] == records[0]["version"], fourth
+    assert fourth["mlflow"]["champion"] == "1" and champion()[0] == runner.served
+    assert Scheduler(cfg, runner, now=clock).tick().get("alias_moved_by_hand") is None  # adopted once
 
 
 def test_embedded_store_default_and_resume(shards, tmp_path, mlflow_server):  # noqa: F811

@@ -8,6 +8,12 @@ lock. What MLflow adds is the published view: versions with metrics and lineage 
 alias that ``slime serve --model models:/NAME@champion`` resolves, the UI, search. ``sync`` is idempotent and
 runs at the end of every tick, so a tick whose MLflow calls failed (recorded in its decision, never raised) is
 caught up by the next one.
+
+An alias moved by hand (the MLflow UI, a client) is an operator's decision, not drift: at the start of the next
+tick ``adopt_alias_move`` makes that version production in the file registry (the tick then rolls Serve to it,
+as after any promotion) instead of ``sync`` moving the alias back. It tells a hand move from a mirror that fell
+behind (MLflow down during a promotion) by the registered model's tag ``slime.mirror_champion``: the version the
+mirror itself last pointed the alias at.
 """
 
 from __future__ import annotations
@@ -58,6 +64,32 @@ def log_tick(section: MlflowSection, registry: Registry, record: dict[str, Any])
     return {"run_id": run_id, **synced}
 
 
+MIRROR_TAG = "slime.mirror_champion"  # registered-model tag: the version this mirror last pointed the alias at
+
+
+def adopt_alias_move(section: MlflowSection, registry: Registry) -> dict[str, Any] | None:
+    """If the alias was moved since the mirror last set it, promote the file-registry version it now names
+    (reason: moved by hand) and return what was adopted; None when nothing moved. A move to a version that is
+    not one of this registry's (no ``slime.registry_version`` tag) is reported and left to ``sync``."""
+    models = ModelRegistry(section.uri, section.model_name)
+    current = models.alias(section.alias)
+    last = models.tags().get(MIRROR_TAG) if current else None
+    if current is None or last is None or current["version"] == last:
+        return None
+    moved = {"mlflow_version": current["version"], "mirror_had": last}
+    version_id = current["tags"].get("slime.registry_version")
+    try:
+        registry.get(version_id or "")
+    except KeyError:
+        return {**moved, "ignored": f"MLflow version {current['version']} is not a version of {registry.root}"}
+    prod = registry.production()
+    if prod is None or prod.id != version_id:
+        registry.promote(version_id, f"{section.alias} moved to MLflow version {current['version']} by hand "
+                                     f"(was {last})")
+    models.set_model_tag(MIRROR_TAG, current["version"])
+    return {**moved, "adopted": version_id, "previous": prod.id if prod else None}
+
+
 def sync(section: MlflowSection, registry: Registry, tick_run: str) -> dict[str, Any]:
     """Every complete file-registry version has an MLflow version (tag ``slime.registry_version``), verdicts
     are tags, and ``alias`` points at production's version. Returns ``{versions: {id: mlflow version},
@@ -86,4 +118,5 @@ def sync(section: MlflowSection, registry: Registry, tick_run: str) -> dict[str,
         current = models.alias(section.alias)
         if current is None or current["version"] != champion:
             models.promote(champion, (prod.verdict or {}).get("reason", "production"), alias=section.alias)
+        models.set_model_tag(MIRROR_TAG, champion)
     return {"versions": {k: mv["version"] for k, mv in mirrored.items() if k}, "champion": champion}

@@ -43,7 +43,7 @@ from croniter import croniter
 
 from pipelines import storage
 from pipelines.lifecycle.jobs_client import JobsConfig, RolloutConfig
-from pipelines.lifecycle.mlflow_mirror import MlflowSection, log_tick
+from pipelines.lifecycle.mlflow_mirror import MlflowSection, adopt_alias_move, log_tick
 from pipelines.lifecycle.registry import LockHeld, Registry, RegistryLock, Version
 
 # ---------------------------------------------------------------- cron
@@ -211,6 +211,12 @@ class Scheduler:
 
     def _tick(self, record: dict[str, Any], lock: RegistryLock) -> None:
         reg, cfg = self.registry, self.cfg
+        if cfg.mlflow.uri:  # an alias moved by hand in MLflow is production from now on (rolled out below)
+            try:
+                if adopted := adopt_alias_move(cfg.mlflow, reg):
+                    record["alias_moved_by_hand"] = adopted
+            except Exception as e:  # noqa: BLE001 - MLflow down: the tick goes on with the file registry's production
+                record["alias_moved_by_hand"] = {"error": f"{type(e).__name__}: {e}"}
         prod = reg.production()
         if prod and reg.serving() != prod.id:  # a previous tick promoted but died before the rollout
             self.runner.rollout(prod.model_uri)

@@ -81,6 +81,14 @@ class ModelRegistry:
     def set_alias(self, alias: str, version: str) -> None:
         self._call("POST", "registered-models/alias", {"name": self.name, "alias": alias, "version": str(version)})
 
+    def tags(self) -> dict[str, str]:
+        """The registered model's own tags."""
+        rm = self._call("GET", "registered-models/get", name=self.name)["registered_model"]
+        return {t["key"]: t["value"] for t in rm.get("tags", [])}
+
+    def set_model_tag(self, key: str, value: str) -> None:
+        self._call("POST", "registered-models/set-tag", {"name": self.name, "key": key, "value": str(value)})
+
     def versions(self) -> list[dict]:
         out = self._call("GET", "model-versions/search", filter=f"name='{self.name}'").get("model_versions", [])
         return sorted(({**mv, "tags": {t["key"]: t["value"] for t in mv.get("tags", [])}} for mv in out),
