@@ -106,6 +106,10 @@ class LocalCluster:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
         self.processes.clear()
+        if self.cluster is not None and self.cluster in self.dead_clusters:  # head killed, no restart yet
+            for index in list(self.nodes):
+                self._kill_in_process_node(self.nodes.pop(index))
+            self.cluster = None
         if self.cluster is not None:
             self.cluster.shutdown()
             self.cluster = None
@@ -187,15 +191,17 @@ class LocalCluster:
         descendants of those pids before anything is killed. Worker nodes are left as they are. Returns the
         seconds it took (until every one of those processes is gone)."""
         start = time.monotonic()
-        head = self.cluster.head_node
-        pids = [i.process.pid for infos in head.all_processes.values() for i in infos if i.process is not None]
-        _kill_tree(pids)
-        for infos in head.all_processes.values():  # reap the ones this process started (no zombies)
-            for info in infos:
-                if info.process is not None:
-                    info.process.wait()
+        self._kill_in_process_node(self.cluster.head_node)
         self.dead_clusters.append(self.cluster)
         return time.monotonic() - start
+
+    @staticmethod
+    def _kill_in_process_node(node) -> None:
+        """SIGKILL a ray._private.node.Node's processes and their descendants; reap the ones this process started."""
+        infos = [i for group in node.all_processes.values() for i in group if i.process is not None]
+        _kill_tree([i.process.pid for i in infos])
+        for info in infos:
+            info.process.wait()
 
     def restart(self, timeout: float = 180.0) -> dict[str, float]:
         """A fresh head on the same dashboard port, then fresh worker nodes (as many as were live), as KubeRay
@@ -219,13 +225,7 @@ class LocalCluster:
             if index in self.processes:
                 self.kill_node(index)
             else:
-                node = self.nodes.pop(index)
-                _kill_tree([i.process.pid for infos in node.all_processes.values() for i in infos
-                            if i.process is not None])
-                for infos in node.all_processes.values():
-                    for info in infos:
-                        if info.process is not None:
-                            info.process.wait()
+                self._kill_in_process_node(self.nodes.pop(index))
         killed = time.monotonic()
         self.head_args["dashboard_agent_listen_port"] = _free_port()
         self.cluster = Cluster(initialize_head=True, head_node_args=self.head_args)
