@@ -214,8 +214,7 @@ class LocalCluster:
         ``kill_s`` (old head if still up + old workers), ``head_s`` (new head up, Jobs API answering),
         ``workers_s``, ``total_s``."""
         from ray.cluster_utils import Cluster
-
-        from pipelines.lifecycle.jobs_client import connect
+        from ray.job_submission import JobSubmissionClient
 
         start = time.monotonic()
         if not self.dead_clusters or self.dead_clusters[-1] is not self.cluster:
@@ -229,7 +228,15 @@ class LocalCluster:
         killed = time.monotonic()
         self.head_args["dashboard_agent_listen_port"] = _free_port()
         self.cluster = Cluster(initialize_head=True, head_node_args=self.head_args)
-        connect(self.dashboard_url, timeout_s=timeout).list_jobs()  # the Jobs API answers
+        deadline = time.monotonic() + timeout
+        while True:  # until the Jobs API answers
+            try:
+                JobSubmissionClient(self.dashboard_url).list_jobs()
+                break
+            except (OSError, RuntimeError):  # refused (requests errors are OSErrors), or not ready yet
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
         head = time.monotonic()
         for _ in workers:
             self.add_worker(wait=False)
