@@ -4,6 +4,8 @@ A LocalCluster (head + 1 worker node) of its own; this test process is **not** a
 talks only HTTP to the dashboard (JobsRunner: submit, poll, logs), as ``slime schedule`` on a CronJob pod does. A
 driver whose GCS dies is exited by Ray itself after its reconnect timeout, so it could not be one.
 
+First, a head that stops answering without dying (its dashboard frozen): the wait for a job ends in bounded time.
+
 tick 1: the real Scheduler + JobsRunner submit the train job (one phase of 4 steps, a checkpoint every step on the
         moto S3 server). Rank 0 hangs at global step 3 (``fault.kind=hang``), after the step-2 checkpoint is
         committed: the head is SIGKILLed there (GCS, raylet, dashboard, agents, and what the raylet started: the
@@ -74,6 +76,35 @@ def _synth_and_pack(root: Path, split: str) -> str:
 
 def _rows(path: Path) -> list[dict]:
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+
+
+def test_a_dashboard_that_stops_answering_ends_the_wait_in_bounded_time(cluster):
+    """A head that accepts connections but never answers (its dashboard frozen with SIGSTOP: what a hung head or a
+    host gone without a TCP reset looks like to a client). Ray's client sets no request timeout; jobs_client.wait
+    asks with one and ends with HeadLost once the dashboard has been silent for ``unreachable_s``."""
+    import signal
+
+    from pipelines.lifecycle.jobs_client import HeadLost, connect, job_status, wait
+
+    client = connect(cluster.dashboard_url)
+    job = client.submit_job(entrypoint="python -c 'import time; time.sleep(300)'")
+    assert job_status(client, job) in ("PENDING", "RUNNING")
+    dashboard = cluster.cluster.head_node.all_processes["dashboard"][0].process.pid
+    unreachable, request_timeout, poll_s = 4.0, 1.5, 0.5
+    os.kill(dashboard, signal.SIGSTOP)
+    started = time.monotonic()
+    try:
+        with pytest.raises(HeadLost, match=f"dashboard at {cluster.dashboard_url} has not answered for") as lost:
+            wait(client, job, timeout_s=600, poll_s=poll_s, unreachable_s=unreachable, request_timeout_s=request_timeout)
+        took = time.monotonic() - started
+    finally:
+        os.kill(dashboard, signal.SIGCONT)
+    print(f"[head-restart] frozen dashboard: wait ended after {took:.1f} s: {str(lost.value)[:200]}")
+    assert "Timeout" in str(lost.value) and job in str(lost.value)
+    assert unreachable <= took <= unreachable + request_timeout + poll_s + 3, took
+    assert job_status(client, job) in ("PENDING", "RUNNING")  # it answers again; the job was never touched
+    client.stop_job(job)
+    assert wait(client, job, timeout_s=60, poll_s=0.5) == "STOPPED"
 
 
 def test_head_restart_fails_the_tick_and_the_next_tick_resumes_the_run(cluster, s3_bucket, moto_s3, tmp_path):

@@ -150,17 +150,19 @@ def wait(client: JobSubmissionClient, job_id: str, timeout_s: float | None = Non
     import requests
 
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    status, silent_since = "not yet seen", None
+    status, silent_since = None, None
     while True:
+        asked = time.monotonic()
         try:
             status = job_status(client, job_id, request_timeout_s)
             silent_since = None
         except (requests.ConnectionError, requests.Timeout) as e:
             now = time.monotonic()
-            silent_since = silent_since or now
+            silent_since = silent_since or asked  # silent since the first unanswered question was asked
             if now - silent_since >= unreachable_s:
+                last = f"was {status} at its last answer" if status else "had no status yet"
                 raise HeadLost(f"lost the Ray head: its dashboard at {client.get_address()} has not answered for "
-                               f"{now - silent_since:.0f} s while job {job_id} was {status} (last answer) "
+                               f"{now - silent_since:.1f} s; job {job_id} {last} "
                                f"({type(e).__name__}: {str(e)[:200]})") from e
         if status in TERMINAL:
             return status
