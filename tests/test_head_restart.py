@@ -33,7 +33,7 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 STEPS, HANG_AT = 4, 3  # one phase of 4 steps; rank 0 hangs at step 3: the step-2 checkpoint is the last committed
 UNREACHABLE_S = 10.0  # JobsRunner: a dashboard silent this long fails the step (production default 60 s)
-# ~3 min on this machine (two train jobs' start-up dominate): outside make test's budget
+# 162-217 s on this machine (two train jobs' start-up dominate): outside make test's budget
 pytestmark = [pytest.mark.integration, pytest.mark.extended]
 
 
