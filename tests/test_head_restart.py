@@ -84,10 +84,11 @@ def test_a_dashboard_that_stops_answering_ends_the_wait_in_bounded_time(cluster)
     asks with one and ends with HeadLost once the dashboard has been silent for ``unreachable_s``."""
     import signal
 
-    from pipelines.lifecycle.jobs_client import HeadLost, connect, job_status, wait
+    from pipelines.lifecycle.jobs_client import HeadLost, connect, job_status, stop_earlier_attempts, wait
 
     client = connect(cluster.dashboard_url)
-    job = client.submit_job(entrypoint="python -c 'import time; time.sleep(300)'")
+    job = client.submit_job(entrypoint="python -c 'import time; time.sleep(300)'",
+                            metadata={"slime_run": "frozen-run", "step": "train"})
     assert job_status(client, job) in ("PENDING", "RUNNING")
     dashboard = cluster.cluster.head_node.all_processes["dashboard"][0].process.pid
     unreachable, request_timeout, poll_s = 4.0, 1.5, 0.5
@@ -103,14 +104,15 @@ def test_a_dashboard_that_stops_answering_ends_the_wait_in_bounded_time(cluster)
     assert "Timeout" in str(lost.value) and job in str(lost.value)
     assert unreachable <= took <= unreachable + request_timeout + poll_s + 3, took
     assert job_status(client, job) in ("PENDING", "RUNNING")  # it answers again; the job was never touched
-    client.stop_job(job)
-    assert wait(client, job, timeout_s=60, poll_s=0.5) == "STOPPED"
+    # The tick that gave up is gone, the job is not: the next attempt of the same run stops it before resubmitting.
+    assert stop_earlier_attempts(client, "frozen-run", "train") == [job]
+    assert job_status(client, job) == "STOPPED" and stop_earlier_attempts(client, "frozen-run", "train") == []
 
 
 def test_head_restart_fails_the_tick_and_the_next_tick_resumes_the_run(cluster, s3_bucket, moto_s3, tmp_path):
     from benchmarks.node_loss import poll
     from pipelines import storage
-    from pipelines.lifecycle.jobs_client import JobsConfig, JobsRunner, RolloutConfig
+    from pipelines.lifecycle.jobs_client import HeadLost, JobsConfig, JobsRunner, RolloutConfig, connect, wait
     from pipelines.lifecycle.registry import Registry
     from pipelines.lifecycle.scheduler import ScheduleConfig, Scheduler
     from tests.test_scheduler import Clock
@@ -186,6 +188,9 @@ def test_head_restart_fails_the_tick_and_the_next_tick_resumes_the_run(cluster, 
     restart = cluster.restart()
     print(f"[head-restart] restart: {restart} (dashboard {cluster.dashboard_url})")
     assert cluster.dashboard_url == address and len(cluster.workers()) == 1
+    assert restart["total_s"] < 180, restart
+    with pytest.raises(HeadLost, match="unknown to the cluster"):  # the new head has no record of the lost job
+        wait(connect(address), record["job_ids"]["train"], timeout_s=60)
 
     # ---- tick 2: the same run resumes from the lost job's checkpoint
     clock.advance(3600)

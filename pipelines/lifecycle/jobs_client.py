@@ -173,6 +173,23 @@ def wait(client: JobSubmissionClient, job_id: str, timeout_s: float | None = Non
         time.sleep(poll_s if silent_since is None else min(poll_s, 2.0))
 
 
+def stop_earlier_attempts(client: JobSubmissionClient, run_name: str, step: str, timeout_s: float = 300.0) -> list[str]:
+    """Stop the jobs of this run and step that are still PENDING or RUNNING, and wait until they have ended;
+    returns their ids. Such a job is an earlier tick's attempt whose tick gave up on a silent dashboard
+    (``HeadLost``) while the head, and the job, lived on: resubmitting beside it would put two drivers on one
+    run (same name, same checkpoints)."""
+    live = [j.submission_id for j in client.list_jobs()
+            if (j.metadata or {}).get("slime_run") == run_name and (j.metadata or {}).get("step") == step
+            and j.submission_id and str(j.status.value) not in TERMINAL]
+    for job_id in live:
+        print(f"[slime] stopping {step} job {job_id} of run {run_name}: an earlier attempt still running",
+              file=sys.stderr, flush=True)
+        client.stop_job(job_id)
+    for job_id in live:
+        wait(client, job_id, timeout_s=timeout_s, poll_s=1.0)
+    return live
+
+
 def follow(client: JobSubmissionClient, job_id: str, out: TextIO | None = None, poll_s: float = 1.0) -> str:
     """Stream the job's logs to ``out`` until it ends; returns its terminal status. Uses the websocket
     tail and falls back to polling ``get_job_logs`` if the tail breaks (proxies that drop websockets)."""
@@ -269,6 +286,7 @@ class JobsRunner:
     def _run(self, step: str, name: str, args: list[str], run_name: str) -> None:
         client = connect(self.jobs.address)
         env = runtime_env(self.jobs.working_dir, self.jobs.pip, self.jobs.env_vars)
+        stop_earlier_attempts(client, run_name, step)
         job_id = submit(client, name, args, runtime_env=env, metadata={"slime_run": run_name, "step": step})
         self.job_ids[step] = job_id
         status = wait(client, job_id, timeout_s=self.jobs.timeout_s, poll_s=self.jobs.poll_s, on_poll=self.heartbeat,
