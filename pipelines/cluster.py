@@ -59,6 +59,8 @@ class LocalCluster:
 
     def __init__(self, cfg: LocalClusterConfig = LocalClusterConfig()):
         self.cfg = cfg
+        self.head_args: dict | None = None  # what start() gave the head; restart() starts the new one with it
+        self.dead_clusters: list = []  # ray.cluster_utils.Cluster objects whose head was killed (kept: their Nodes' atexit)
         self.root = cfg.root or tempfile.mkdtemp(prefix="slime-mn-", dir="/tmp")
         self.cluster = None
         self.nodes: dict[int, object] = {}  # worker index -> ray._private.node.Node (live ones)
@@ -75,12 +77,18 @@ class LocalCluster:
         os.makedirs(os.path.join(self.root, "ray"), exist_ok=True)  # where the address file goes
         self._env = os.environ.get("RAY_TMPDIR")
         os.environ["RAY_TMPDIR"] = self.root
-        self.cluster = Cluster(initialize_head=True, head_node_args={
+        self.head_args = {
             "num_cpus": self.cfg.head_cpus, "temp_dir": os.path.join(self.root, "head"), "include_dashboard": True,
             "dashboard_host": "127.0.0.1", "dashboard_port": self.cfg.dashboard_port,
+            # the head's agent serves the Jobs API's submissions; Ray's fixed default (52365) is taken by any
+            # other Ray head on the machine ("No available agent to submit job")
+            "dashboard_agent_listen_port": _free_port(),
             "object_store_memory": self.cfg.head_object_store_mb * 2**20, "resources": {"slime_head": 1},
             "_system_config": {"health_check_period_ms": self.cfg.health_check_period_ms,
-                               "health_check_failure_threshold": self.cfg.health_check_failure_threshold}})
+                               "health_check_failure_threshold": self.cfg.health_check_failure_threshold}}
+        self.cluster = Cluster(initialize_head=True, head_node_args=self.head_args)
+        # a restarted head takes the same dashboard port (as a KubeRay head Service keeps its name)
+        self.head_args["dashboard_port"] = int(self.cluster.webui_url.rsplit(":", 1)[1])
         for _ in range(self.cfg.workers):
             self.add_worker(wait=False)
         self.wait_for_nodes()
@@ -98,6 +106,10 @@ class LocalCluster:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
         self.processes.clear()
+        if self.cluster is not None and self.cluster in self.dead_clusters:  # head killed, no restart yet
+            for index in list(self.nodes):
+                self._kill_in_process_node(self.nodes.pop(index))
+            self.cluster = None
         if self.cluster is not None:
             self.cluster.shutdown()
             self.cluster = None
@@ -170,6 +182,69 @@ class LocalCluster:
             self.cluster.remove_node(self.nodes.pop(index), allow_graceful=False)
         return time.monotonic() - start
 
+    # ------------------------------------------------------------------ the head
+
+    def kill_head(self) -> float:
+        """SIGKILL the head's processes, as a lost head host looks: GCS, raylet, dashboard, its agents, the
+        log monitor and reaper (the pids Ray recorded), and every process the head's raylet started (its
+        workers: a Ray Job's supervisor actor and the job's driver, the Train controller, ...), found as the
+        descendants of those pids before anything is killed. Worker nodes are left as they are. Returns the
+        seconds it took (until every one of those processes is gone)."""
+        start = time.monotonic()
+        self._kill_in_process_node(self.cluster.head_node)
+        self.dead_clusters.append(self.cluster)
+        return time.monotonic() - start
+
+    @staticmethod
+    def _kill_in_process_node(node) -> None:
+        """SIGKILL a ray._private.node.Node's processes and their descendants; reap the ones this process started."""
+        infos = [i for group in node.all_processes.values() for i in group if i.process is not None]
+        _kill_tree([i.process.pid for i in infos])
+        for info in infos:
+            info.process.wait()
+
+    def restart(self, timeout: float = 180.0) -> dict[str, float]:
+        """A fresh head on the same dashboard port, then fresh worker nodes (as many as were live), as KubeRay
+        recreates the head pod and then the worker pods. Kills the head first if it is still up.
+
+        Without GCS fault tolerance a new head is a new cluster (new GCS, new cluster id): the old worker
+        nodes cannot join it. Left alone, their raylets notice that the GCS is gone and exit by themselves
+        after ``gcs_rpc_server_reconnect_timeout_s`` (60 s by default), with every worker (and actor, and
+        object) they held; so they are killed here, by pid, at once. Returns the seconds each part took:
+        ``kill_s`` (old head if still up + old workers), ``head_s`` (new head up, Jobs API answering),
+        ``workers_s``, ``total_s``."""
+        from ray.cluster_utils import Cluster
+        from ray.job_submission import JobSubmissionClient
+
+        start = time.monotonic()
+        if not self.dead_clusters or self.dead_clusters[-1] is not self.cluster:
+            self.kill_head()
+        workers = self.workers()
+        for index in workers:
+            if index in self.processes:
+                self.kill_node(index)
+            else:
+                self._kill_in_process_node(self.nodes.pop(index))
+        killed = time.monotonic()
+        self.head_args["dashboard_agent_listen_port"] = _free_port()
+        self.cluster = Cluster(initialize_head=True, head_node_args=self.head_args)
+        deadline = time.monotonic() + timeout
+        while True:  # until the Jobs API answers
+            try:
+                JobSubmissionClient(self.dashboard_url).list_jobs()
+                break
+            except (OSError, RuntimeError):  # refused (requests errors are OSErrors), or not ready yet
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.5)
+        head = time.monotonic()
+        for _ in workers:
+            self.add_worker(wait=False)
+        self.wait_for_nodes(timeout)
+        done = time.monotonic()
+        return {"kill_s": round(killed - start, 2), "head_s": round(head - killed, 2),
+                "workers_s": round(done - head, 2), "total_s": round(done - start, 2)}
+
     def workers(self) -> list[int]:
         """Indices of the live worker nodes this object started."""
         return sorted([*self.nodes, *self.processes])
@@ -200,3 +275,41 @@ class LocalCluster:
             for infos in node.all_processes.values():
                 out += [i.process.pid for i in infos if i.process is not None]
         return out + [p.pid for p in self.processes.values()]
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+def _kill_tree(pids: list[int], timeout: float = 30.0) -> None:
+    """SIGKILL ``pids`` and all their descendants (collected first: a child whose parent is killed is
+    re-parented and no longer found), then wait until every one is gone."""
+    import psutil
+
+    procs = []
+    for pid in pids:
+        try:
+            parent = psutil.Process(pid)
+            procs += [parent, *parent.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            pass
+    for proc in procs:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+    def gone(proc: psutil.Process) -> bool:  # exited, or a zombie its (new) parent has not reaped yet
+        try:
+            return proc.status() == psutil.STATUS_ZOMBIE
+        except psutil.NoSuchProcess:
+            return True
+
+    deadline = time.monotonic() + timeout
+    while alive := [p.pid for p in procs if not gone(p)]:
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"still alive {timeout} s after SIGKILL: {alive}")
+        time.sleep(0.05)

@@ -118,17 +118,76 @@ def submit(client: JobSubmissionClient, name: str, args: list[str], *, runtime_e
             time.sleep(2.0)
 
 
+class HeadLost(RuntimeError):
+    """The cluster's dashboard stopped answering for longer than allowed, or no longer knows the job: the head
+    was lost (and maybe restarted). Without GCS fault tolerance a head restart loses every running job."""
+
+
+def job_status(client: JobSubmissionClient, job_id: str, timeout_s: float = 30.0) -> str:
+    """The job's status from the Jobs REST API (``GET /api/jobs/<id>``, what ``get_job_status`` asks) with a
+    request timeout: Ray's client sets none, so a head host that vanished without a TCP reset (a lost node,
+    a dropped route) would block the call for good. Raises ``HeadLost`` if the cluster does not know the job
+    (404: a head restarted without GCS fault tolerance has no record of it), ``requests`` errors if the
+    dashboard does not answer."""
+    import requests
+
+    r = requests.get(f"{client.get_address()}/api/jobs/{job_id}", headers=auth_headers() or None, timeout=timeout_s)
+    if r.status_code == 404:
+        raise HeadLost(f"job {job_id} is unknown to the cluster at {client.get_address()}: its head restarted "
+                       "(without GCS fault tolerance) and lost the job")
+    if r.status_code != 200:
+        raise RuntimeError(f"GET /api/jobs/{job_id} at {client.get_address()}: HTTP {r.status_code}: {r.text[:500]}")
+    return str(r.json()["status"])
+
+
 def wait(client: JobSubmissionClient, job_id: str, timeout_s: float | None = None, poll_s: float = 1.0,
-         on_poll: Callable[[], None] | None = None) -> str:
-    """Block until the job is terminal; returns "SUCCEEDED" | "FAILED" | "STOPPED"."""
+         on_poll: Callable[[], None] | None = None, unreachable_s: float = 60.0,
+         request_timeout_s: float = 30.0) -> str:
+    """Block until the job is terminal; returns "SUCCEEDED" | "FAILED" | "STOPPED". A dashboard that does not
+    answer (refused, reset, or silent for ``request_timeout_s``) is asked again each poll; once it has not
+    answered for ``unreachable_s`` the wait ends with ``HeadLost`` (a restarted dashboard that no longer knows
+    the job ends it at once): a lost head must fail the step, not hold it for ``timeout_s``."""
+    import requests
+
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
-    while (status := str(client.get_job_status(job_id).value)) not in TERMINAL:
+    status, silent_since = None, None
+    while True:
+        asked = time.monotonic()
+        try:
+            status = job_status(client, job_id, request_timeout_s)
+            silent_since = None
+        except (requests.ConnectionError, requests.Timeout) as e:
+            now = time.monotonic()
+            silent_since = silent_since or asked  # silent since the first unanswered question was asked
+            if now - silent_since >= unreachable_s:
+                last = f"was {status} at its last answer" if status else "had no status yet"
+                raise HeadLost(f"lost the Ray head: its dashboard at {client.get_address()} has not answered for "
+                               f"{now - silent_since:.1f} s; job {job_id} {last} "
+                               f"({type(e).__name__}: {str(e)[:200]})") from e
+        if status in TERMINAL:
+            return status
         if deadline is not None and time.monotonic() > deadline:
             raise TimeoutError(f"job {job_id} still {status} after {timeout_s} s")
         if on_poll:
             on_poll()
-        time.sleep(poll_s)
-    return status
+        time.sleep(poll_s if silent_since is None else min(poll_s, 2.0))
+
+
+def stop_earlier_attempts(client: JobSubmissionClient, run_name: str, step: str, timeout_s: float = 300.0) -> list[str]:
+    """Stop the jobs of this run and step that are still PENDING or RUNNING, and wait until they have ended;
+    returns their ids. Such a job is an earlier tick's attempt whose tick gave up on a silent dashboard
+    (``HeadLost``) while the head, and the job, lived on: resubmitting beside it would put two drivers on one
+    run (same name, same checkpoints)."""
+    live = [j.submission_id for j in client.list_jobs()
+            if (j.metadata or {}).get("slime_run") == run_name and (j.metadata or {}).get("step") == step
+            and j.submission_id and str(j.status.value) not in TERMINAL]
+    for job_id in live:
+        print(f"[slime] stopping {step} job {job_id} of run {run_name}: an earlier attempt still running",
+              file=sys.stderr, flush=True)
+        client.stop_job(job_id)
+    for job_id in live:
+        wait(client, job_id, timeout_s=timeout_s, poll_s=1.0)
+    return live
 
 
 def follow(client: JobSubmissionClient, job_id: str, out: TextIO | None = None, poll_s: float = 1.0) -> str:
@@ -174,6 +233,10 @@ class JobsConfig:
     train_overrides: tuple[str, ...] = ()  # e.g. the fine-tune phase schedule
     eval_overrides: tuple[str, ...] = ()
     timeout_s: float = 24 * 3600.0
+    # A dashboard silent for this long fails the step (HeadLost): the head is gone, and with it the job
+    # (no GCS fault tolerance); the next tick resubmits the run, which resumes from its last checkpoint.
+    unreachable_s: float = 60.0
+    poll_s: float = 5.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -223,9 +286,11 @@ class JobsRunner:
     def _run(self, step: str, name: str, args: list[str], run_name: str) -> None:
         client = connect(self.jobs.address)
         env = runtime_env(self.jobs.working_dir, self.jobs.pip, self.jobs.env_vars)
+        stop_earlier_attempts(client, run_name, step)
         job_id = submit(client, name, args, runtime_env=env, metadata={"slime_run": run_name, "step": step})
         self.job_ids[step] = job_id
-        status = wait(client, job_id, timeout_s=self.jobs.timeout_s, poll_s=5.0, on_poll=self.heartbeat)
+        status = wait(client, job_id, timeout_s=self.jobs.timeout_s, poll_s=self.jobs.poll_s, on_poll=self.heartbeat,
+                      unreachable_s=self.jobs.unreachable_s)
         if status != "SUCCEEDED":
             tail = client.get_job_logs(job_id)[-2000:]
             raise RuntimeError(f"{step} job {job_id} ended {status}; last log lines:\n{tail}")
