@@ -73,8 +73,8 @@ mlflow: $(MLFLOW_VENV)/.installed
 demo: setup mlflow
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/slime demo
 
-test: setup harness mlflow
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q
+test: setup harness mlflow   # two pytest workers, whole modules each (tests/conftest.py: each its own Ray on free ports)
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
 
 test-extended: setup harness mlflow   # the long fault-injection runs outside make test (multi-node ZeRO-2 and serving, MLflow endpoint roll): ~6 min
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q -m extended

@@ -75,10 +75,13 @@ def readme_data(root: str) -> str:
 
 
 def train_workers() -> dict[str, str]:
-    """Live Ray Train worker actors -> node id."""
+    """Live Ray Train worker actors -> node id (asked of this driver's cluster: another Ray on the machine would
+    otherwise be "the latest instance" the state API finds)."""
+    import ray
     from ray.util.state import list_actors
 
-    return {a.actor_id: a.node_id for a in list_actors(filters=[("class_name", "=", "RayTrainWorker"),
+    return {a.actor_id: a.node_id for a in list_actors(address=ray.get_runtime_context().gcs_address,
+                                                       filters=[("class_name", "=", "RayTrainWorker"),
                                                                 ("state", "=", "ALIVE")])}
 
 
@@ -206,6 +209,7 @@ def data_case(cluster, shards: str, model: str, *, actors: int = 3, kill_after: 
     """Ray Data reads and preprocesses ``shards`` with ``actors`` Preprocessor actors spread over the nodes; the
     worker node holding most of them is killed after ``kill_after`` of the epoch. Every sample id
     (``sample_hash``) is counted against the samples in the shards (read without Ray)."""
+    import ray
     from ray.util.state import list_actors
 
     from pipelines.data.ingest import DataConfig, build_dataset
@@ -218,7 +222,8 @@ def data_case(cluster, shards: str, model: str, *, actors: int = 3, kill_after: 
     for batch in build_dataset(cfg).iter_batches(batch_size=4):
         seen += [int(h) for h in batch["sample_hash"]]
         if killed is None and len(seen) >= len(expected) * kill_after:
-            alive = [a for a in list_actors(filters=[("state", "=", "ALIVE")]) if "Preprocessor" in a.class_name]
+            alive = [a for a in list_actors(address=ray.get_runtime_context().gcs_address,
+                                            filters=[("state", "=", "ALIVE")]) if "Preprocessor" in a.class_name]
             held = {i: sum(a.node_id == cluster.node_id(i) for a in alive) for i in cluster.workers()}
             victim = max(held, key=lambda i: (held[i], i))  # the worker node holding most Preprocessor actors
             cluster.kill_node(victim)

@@ -113,7 +113,8 @@ def init_ray(args: argparse.Namespace, *, dashboard: bool = True) -> None:
     else:
         # "local": a new embedded Ray even when a `ray start` cluster runs on this machine (ray.init() alone
         # would join that one and then refuse num_cpus).
-        ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
-                 **quiet_ray_init_kwargs())
+        from pipelines.cluster import init_embedded
+
+        init_embedded(num_cpus=args.num_cpus, include_dashboard=dashboard, **quiet_ray_init_kwargs())
     quiet_driver_logs()
     print(f"Ray logs (workers, Ray Data, Train, Serve): {ray_log_dir()}", flush=True)

@@ -35,11 +35,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     zone = ZoneInfo(cfg.timezone)
     if cfg.jobs.address == "local":  # built-in scheduler on one machine: steps run on an embedded Ray
-        import ray
-
         from pipelines.lifecycle.local_runner import LocalRunner
 
-        ray.init(address="local", include_dashboard=True, dashboard_host="127.0.0.1")
+        from pipelines.cluster import init_embedded
+
+        init_embedded()
         runner = LocalRunner(cfg.jobs, cfg.rollout, cfg.work_dir, cfg.val)
     else:
         runner = JobsRunner(cfg.jobs, cfg.rollout, cfg.work_dir, cfg.val)

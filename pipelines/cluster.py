@@ -277,6 +277,26 @@ class LocalCluster:
         return out + [p.pid for p in self.processes.values()]
 
 
+def init_embedded(*, include_dashboard: bool = True, runtime_env: dict | None = None, **kwargs) -> None:
+    """``ray.init(address="local", ...)``: a new one-node Ray for this process that keeps to itself when other Rays
+    run on the machine (a second job, a test worker, a ``ray start`` cluster). Its dashboard takes a free port
+    instead of 8265, and its workers' state-API calls go to that dashboard: Ray Train's PlacementGroupCleaner asks
+    the state API whether the run's controller still lives, and without an address that is "the latest Ray instance
+    on the machine", which may be another one. (Only the workers get ``RAY_API_SERVER_ADDRESS``: in a driver it
+    would also redirect job-submission clients meant for other clusters.)"""
+    import ray
+
+    runtime_env = dict(runtime_env or {})
+    env = dict(runtime_env.get("env_vars") or {})
+    if include_dashboard:
+        port = _free_port()
+        kwargs.update(dashboard_host="127.0.0.1", dashboard_port=port)
+        env["RAY_API_SERVER_ADDRESS"] = f"http://127.0.0.1:{port}"
+    if env:
+        runtime_env["env_vars"] = env
+    ray.init(address="local", include_dashboard=include_dashboard, runtime_env=runtime_env or None, **kwargs)
+
+
 def _free_port() -> int:
     import socket
 

@@ -113,9 +113,11 @@ def run_demo(cfg: DemoConfig) -> dict:
     timings["pack_s"] = time.perf_counter() - t
 
     if not ray.is_initialized():
-        ray.init(address="local", num_cpus=cfg.num_cpus, include_dashboard=True, dashboard_host="127.0.0.1",
-                 runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false", "HF_HUB_OFFLINE": "1"}},
-                 **quiet_ray_init_kwargs())
+        from pipelines.cluster import init_embedded
+
+        init_embedded(num_cpus=cfg.num_cpus, runtime_env={"env_vars": {"TOKENIZERS_PARALLELISM": "false",
+                                                                      "HF_HUB_OFFLINE": "1"}},
+                      **quiet_ray_init_kwargs())
     quiet_driver_logs()
     say(f"Ray started; full logs of every worker, Ray Data, Train and Serve: {ray_log_dir()}")
     try:

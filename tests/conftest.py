@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import os
 
 # Must be set before ray is imported anywhere: deterministic auth, fast Serve autoscaling metrics.
@@ -22,20 +24,46 @@ os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 import pytest  # noqa: E402
 
 
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@contextlib.contextmanager
+def agent_port(port: int):
+    """``ray.init`` has no argument for the dashboard agent's port (RayParams defaults it to 52365): this sets that
+    default while one Ray starts."""
+    from ray._private.parameter import RayParams
+
+    init = RayParams.__init__
+    RayParams.__init__ = functools.partialmethod(init, dashboard_agent_listen_port=port)
+    try:
+        yield
+    finally:
+        RayParams.__init__ = init
+
+
 def start_embedded_ray():
     """One embedded Ray (init costs ~6 s). 4 logical CPUs on 2 cores so reads, actor pools, train workers
     and replicas (all fractional) fit together; 1 logical GPU so GPU-actor code paths schedule while
     computing on CPU. tests/test_multinode.py stops it for its own cluster and starts it again."""
     import ray
 
+    from pipelines.cluster import init_embedded
+
     for attempt in (1, 2):
         if ray.is_initialized():
             break
+        # `make test` runs two pytest workers, each with its own embedded Ray: free ports, not Ray's defaults
+        # (pipelines.cluster.init_embedded; the dashboard agent's 52365 too, which ray.init has no argument for)
         try:
-            ray.init(address="local", num_cpus=4, num_gpus=1, include_dashboard=True, dashboard_host="127.0.0.1",
-                     object_store_memory=1_500_000_000, log_to_driver=True,
-                     runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false",
-                                               "HF_HUB_OFFLINE": "1"}})
+            with agent_port(free_port()):
+                init_embedded(num_cpus=4, num_gpus=1, object_store_memory=1_500_000_000, log_to_driver=True,
+                              runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false",
+                                                        "HF_HUB_OFFLINE": "1"}})
         except Exception as e:
             # Ray waits a fixed 30 s for its raylet to register; on 2 cores shared with other jobs that
             # once ran out and errored every Ray test of the session. One more try, then the error.
@@ -143,3 +171,15 @@ def mlflow_server(tmp_path_factory, moto_s3, artifact_bucket):
     yield server
     server.stop()
     assert server.process.poll() is not None
+
+
+# `make test` runs two pytest workers (pytest-xdist, `--dist loadfile --no-loadscope-reorder`): whole modules are
+# handed out in collection order, so the long ones go first and no worker runs a 5-minute module alone at the end.
+LONGEST_FIRST = ("test_multinode", "test_schedule_e2e", "test_readme_steps", "test_demo", "test_serve", "test_train",
+                 "test_tracking", "test_lora", "test_harness", "test_learning", "test_data_pipeline", "test_lora_serve",
+                 "test_evaluate")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(item.path.stem, len(LONGEST_FIRST)))  # stable: a module keeps its order

@@ -194,7 +194,8 @@ def test_data_counters_live_on_the_driver_node(cluster):
 
     names = [f"DataMetrics-placement-{i}" for i in range(4)]
     ray.get([metrics_actor(n).get.remote() for n in names])
-    nodes = {a.name: a.node_id for a in list_actors(filters=[("class_name", "=", "DataMetrics"), ("state", "=", "ALIVE")])
+    nodes = {a.name: a.node_id for a in list_actors(address=ray.get_runtime_context().gcs_address,
+                                                       filters=[("class_name", "=", "DataMetrics"), ("state", "=", "ALIVE")])
              if a.name in names}
     print(f"[multinode] DataMetrics actors on nodes {sorted(set(nodes.values()))}")
     assert nodes == dict.fromkeys(names, ray.get_runtime_context().get_node_id())
@@ -297,7 +298,7 @@ def test_scheduler_tick_whose_train_job_dies_with_its_node_is_retried_next_tick(
     assert reg.production().id == retried["version"] != v1.id and reg.serving() == retried["version"]
     assert reg.production().metrics["accuracy"] == 0.7
 
-@pytest.mark.extended
+
 def test_serving_loses_a_replica_node_under_load(cluster, tmp_path):
     """Two vLLM replicas on two worker nodes (``slime_worker: 1`` each), proxy and controller on the head, three
     ``openai`` clients (their own retries on) in a closed loop and a /healthz probe every 0.25 s; one replica's
