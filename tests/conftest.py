@@ -73,6 +73,20 @@ def start_embedded_ray():
     return ray
 
 
+def start_serve(port: int) -> None:
+    """Serve on 127.0.0.1:``port``, on a fresh embedded Ray. Serve 2.60 has hung forever in ``serve.start()``
+    after an earlier ``serve.shutdown()`` in the same Ray (the new controller idle, the driver in ``ray.get`` of
+    its ``get_proxies``; seen in whole-suite runs, after one and after several Serve lifecycles): a serving
+    module never starts Serve on a Ray that ran Serve before (~6 s for the new Ray)."""
+    import ray
+    from ray import serve
+
+    serve.shutdown()
+    ray.shutdown()
+    start_embedded_ray()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+
+
 @pytest.fixture(scope="session")
 def ray_session():
     """One embedded Ray for every integration test (start_embedded_ray)."""
@@ -156,7 +170,7 @@ class LiveServer:
 
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory, moto_s3, artifact_bucket):
-    """One real MLflow server for the session (tests/test_tracking.py, tests/test_tracking_serve.py): SQLite
+    """One real MLflow server for the session (tests/test_tracking.py, tests/test_schedule_e2e.py): SQLite
     store, artifacts proxied to s3://mlflow-artifacts; started on first use (~10-40 s: the store's migrations)."""
     root = tmp_path_factory.mktemp("mlflow")
     server = LiveServer(f"sqlite:///{root}/mlflow.db", f"s3://{artifact_bucket}/runs",

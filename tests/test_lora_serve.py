@@ -61,12 +61,12 @@ def endpoint(ray_session, moto_s3, models):
 
     from pipelines.serve.app import build_app
     from pipelines.serve.ingress import free_port
+    from tests.conftest import start_serve
 
     bucket = f"adapters-{uuid.uuid4().hex[:8]}"
     boto3.client("s3", endpoint_url=moto_s3, region_name="us-east-1").create_bucket(Bucket=bucket)
     port = free_port()
-    serve.shutdown()  # an earlier module's Serve keeps its own HTTP port: start ours fresh
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    start_serve(port)  # on a fresh Ray (tests/conftest.py says why)
     # cpu_threads=2: the engine computes on both cores though Ray gives a 0.25-CPU replica one OMP thread (tested below)
     args = dict(model=models["base"], model_id="base", api_key=KEY, engine="vllm", num_cpus=0.25, cpu_threads=2, max_tokens=32,
                 adapters={"a1": models["a1"]}, lora_dir=f"s3://{bucket}/lora", max_loras=2, max_cpu_loras=2, max_lora_rank=8,

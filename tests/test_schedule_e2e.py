@@ -144,17 +144,9 @@ def test_ticks_retrain_evaluate_promote_and_roll_serve(ray_session, mlflow_serve
     scheduler = Scheduler(cfg, runner, now=lambda: clock[0])
     registry = Registry(cfg.registry)
     port = _free_port()
-    # A fresh Ray for this test's Serve: after several Serve lifecycles in one session (serve.shutdown() at the end
-    # of each serving module), serve.start() once waited forever on the new controller's get_proxies (seen once,
-    # in a whole-suite run; py-spy: both sides idle).
-    import ray
+    from tests.conftest import start_serve
 
-    from tests.conftest import start_embedded_ray
-
-    serve.shutdown()
-    ray.shutdown()
-    start_embedded_ray()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    start_serve(port)  # on a fresh Ray (tests/conftest.py says why)
 
     def served_fingerprint() -> str:
         return httpx.get(f"http://127.0.0.1:{port}/sched/healthz", timeout=30).json()["fingerprint"]

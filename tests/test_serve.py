@@ -67,12 +67,12 @@ def server(ray_session, tiny_checkpoints, engine, timings_file):
 
     from pipelines.serve import timings
     from pipelines.serve.app import build_app
+    from tests.conftest import start_serve
 
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    serve.shutdown()  # an earlier module's Serve would keep its own HTTP port: start ours fresh
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    start_serve(port)  # on a fresh Ray (tests/conftest.py says why)
     # the vLLM app runs every test below with its (opt-in) per-request timings on: no feature may depend on them off
     env = {timings.ENV: timings_file} if engine == "vllm" else {}
     serve.run(build_app(serve_args(tiny_checkpoints[0], engine, env=env)), name=APP, route_prefix="/", blocking=False)

@@ -1,6 +1,6 @@
 """MLflow tracking against a real ``mlflow server`` (``.venv-mlflow``, ``make mlflow``): SQLite backend, artifacts
 on the moto S3 server, on 127.0.0.1 (the session's ``mlflow_server`` in tests/conftest.py, shared with
-tests/test_tracking_serve.py).
+tests/test_schedule_e2e.py).
 
 One training run covers what happens to real runs (a ``slime train`` driver SIGKILLed and re-run, the server
 restarted in the middle): one MLflow run with params, a continuous per-phase metric history, artifacts and the
