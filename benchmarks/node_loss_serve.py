@@ -35,9 +35,10 @@ class ChatLoad(ClientThreads):
 
     join_s = 150.0
 
-    def __init__(self, base_url: str, clients: int = 3, max_tokens: int = 8, max_retries: int = 2) -> None:
+    def __init__(self, base_url: str, clients: int = 3, max_tokens: int = 8, max_retries: int = 2,
+                 pause_s: float = 0.0) -> None:
         super().__init__()
-        self.base_url, self.max_retries = base_url, max_retries
+        self.base_url, self.max_retries, self.pause_s = base_url, max_retries, pause_s
         self.requests: list[dict] = []  # {"start", "end", "ok", "error"}
         self.attempts: list[dict] = []  # {"t", "status"} (-1: no response)
         self.health: list[tuple[float, int]] = []
@@ -79,6 +80,7 @@ class ChatLoad(ClientThreads):
                 row["end"] = time.monotonic()
                 with self.lock:
                     self.requests.append(row)
+                self.stop.wait(self.pause_s)  # 0: a closed loop, each client always waiting on one request
 
     def _health(self) -> None:
         import httpx
@@ -99,8 +101,10 @@ class ChatLoad(ClientThreads):
 
 
 
-def serve_case(cluster, model: str, *, clients: int = 3, after_s: float = 5.0, timeout_s: float = 300.0) -> dict:
-    """Two vLLM replicas on two worker nodes under steady ``openai`` load; the node of one is killed and a
+def serve_case(cluster, model: str, *, clients: int = 3, pause_s: float = 0.0, after_s: float = 5.0,
+               timeout_s: float = 300.0) -> dict:
+    """Two vLLM replicas on two worker nodes under steady ``openai`` load (``clients`` each sending a request,
+    then pausing ``pause_s``); the node of one is killed and a
     replacement node joins (as an autoscaler would provide; each replica needs a ``slime_worker``). Returns
     the counts: requests, failed (after the client's retries), failed attempts, requests in flight at the kill,
     health probes that were not 200, seconds from the kill until 2 replicas run again (one of them new)."""
@@ -128,7 +132,7 @@ def serve_case(cluster, model: str, *, clients: int = 3, after_s: float = 5.0, t
         say(f"[node-loss] serve: 2 replicas up in {deploy_s:.1f} s on worker nodes "
             f"{sorted(workers[n] for n in before.values() if n in workers)}")
         base = f"http://127.0.0.1:{port}"
-        with ChatLoad(base, clients=clients) as load:
+        with ChatLoad(base, clients=clients, pause_s=pause_s) as load:
             poll(lambda: load.done() >= 2 * clients, 120, "requests answered before the kill")
             victim_node = min(before.values())
             victim = workers[victim_node]

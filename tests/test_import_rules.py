@@ -88,7 +88,7 @@ MAY_IMPORT = {
     "lifecycle": {"train", "evaluate", *SHARED},
     "evaluate": {"data", "serve", "answers", *SHARED},
     "harness": {"data", "serve", "lifecycle", "evaluate", "answers", *SHARED},
-    "demo": {*STAGES, "evaluate", *SHARED},
+    "demo": {*STAGES, "evaluate", "cluster", *SHARED},  # cluster: init_embedded, its own one-node Ray
     "cluster": set(),  # a local multi-node Ray cluster (tests, slime cluster): Ray only
 }
 

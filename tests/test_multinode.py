@@ -301,7 +301,7 @@ def test_scheduler_tick_whose_train_job_dies_with_its_node_is_retried_next_tick(
 
 def test_serving_loses_a_replica_node_under_load(cluster, tmp_path):
     """Two vLLM replicas on two worker nodes (``slime_worker: 1`` each), proxy and controller on the head, three
-    ``openai`` clients (their own retries on) in a closed loop and a /healthz probe every 0.25 s; one replica's
+    ``openai`` clients (their own retries on) (a request, then 0.2 s) and a /healthz probe every 0.25 s; one replica's
     node is killed and a replacement node joins. Counted: requests, failed requests (after the client's
     retry), failed HTTP attempts, requests in flight at the kill, health probes, seconds until 2 replicas run
     again (benchmarks.node_loss.serve_case, shared with ``python -m benchmarks.node_loss``)."""
@@ -309,7 +309,9 @@ def test_serving_loses_a_replica_node_under_load(cluster, tmp_path):
     from slime.presets import save_tiny_checkpoint, tiny_vllm
 
     model = str(save_tiny_checkpoint(tmp_path / "model", seed=0, cfg=tiny_vllm()))
-    out = serve_case(cluster, model, clients=3)
+    # paced (0.2 s between a client's requests), not the benchmark's closed loop: the 2 cores stay shared with the
+    # other test worker and the replacement replica's start
+    out = serve_case(cluster, model, clients=3, pause_s=0.2)
     print(f"[multinode] serve: {out['requests']} requests, {out['failed']} failed after the client's retries, "
           f"{out['failed_attempts']} failed attempts of {out['attempts']} (statuses "
           f"{out['failed_attempt_statuses']}), {out['in_flight_at_kill']} in flight at the kill, replicas back "
