@@ -35,9 +35,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     zone = ZoneInfo(cfg.timezone)
     if cfg.jobs.address == "local":  # built-in scheduler on one machine: steps run on an embedded Ray
-        from pipelines.lifecycle.local_runner import LocalRunner
-
         from pipelines.cluster import init_embedded
+        from pipelines.lifecycle.local_runner import LocalRunner
 
         init_embedded()
         runner = LocalRunner(cfg.jobs, cfg.rollout, cfg.work_dir, cfg.val)

@@ -322,6 +322,7 @@ def _kill_tree(pids: list[int], timeout: float = 30.0) -> None:
             proc.kill()
         except psutil.NoSuchProcess:
             pass
+
     def gone(proc: psutil.Process) -> bool:  # exited, or a zombie its (new) parent has not reaped yet
         try:
             return proc.status() == psutil.STATUS_ZOMBIE

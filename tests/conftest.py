@@ -24,14 +24,6 @@ os.environ.setdefault("AWS_DEFAULT_REGION", "us-east-1")
 import pytest  # noqa: E402
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @contextlib.contextmanager
 def agent_port(port: int):
     """``ray.init`` has no argument for the dashboard agent's port (RayParams defaults it to 52365): this sets that
@@ -53,6 +45,7 @@ def start_embedded_ray():
     import ray
 
     from pipelines.cluster import init_embedded
+    from pipelines.serve.ingress import free_port
 
     for attempt in (1, 2):
         if ray.is_initialized():
@@ -71,6 +64,22 @@ def start_embedded_ray():
                 raise
             ray.shutdown()
     return ray
+
+
+@contextlib.contextmanager
+def session_ray_aside():
+    """For a module with its own cluster (tests/test_multinode.py, tests/test_head_restart.py): the session's
+    embedded Ray, if an earlier module started it, is stopped for the block and started again after it."""
+    import ray
+
+    was_up = ray.is_initialized()
+    if was_up:
+        ray.shutdown()
+    try:
+        yield
+    finally:
+        if was_up:
+            start_embedded_ray()
 
 
 def start_serve(port: int) -> None:

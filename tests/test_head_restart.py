@@ -41,24 +41,18 @@ pytestmark = [pytest.mark.integration, pytest.mark.extended]
 def cluster():
     """Head (2 CPUs, dashboard on 127.0.0.1) + 1 worker node. The session's embedded Ray steps aside for the
     module (stopping a LocalCluster resets Ray's process-global internal KV client) and comes back after it."""
-    import ray
-
     from pipelines.cluster import LocalCluster, LocalClusterConfig
-    from tests.conftest import start_embedded_ray
+    from tests.conftest import session_ray_aside
 
-    was_up = ray.is_initialized()
-    if was_up:
-        ray.shutdown()
-    started = time.monotonic()
-    local = LocalCluster(LocalClusterConfig(workers=1, head_cpus=2, worker_cpus=1)).start()
-    try:
-        print(f"[head-restart] head + 1 worker node up in {time.monotonic() - started:.1f} s, "
-              f"dashboard {local.dashboard_url}")
-        yield local
-    finally:
-        local.stop()
-        if was_up:
-            start_embedded_ray()
+    with session_ray_aside():
+        started = time.monotonic()
+        local = LocalCluster(LocalClusterConfig(workers=1, head_cpus=2, worker_cpus=1)).start()
+        try:
+            print(f"[head-restart] head + 1 worker node up in {time.monotonic() - started:.1f} s, "
+                  f"dashboard {local.dashboard_url}")
+            yield local
+        finally:
+            local.stop()
 
 
 def _synth_and_pack(root: Path, split: str) -> str:

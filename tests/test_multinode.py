@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import start_embedded_ray
+from tests.conftest import session_ray_aside
 
 GOLDEN = Path(__file__).resolve().parent / "assets" / "losses" / "tiny_ddp.json"
 pytestmark = [pytest.mark.integration]
@@ -36,25 +36,21 @@ def cluster():
 
     from pipelines.cluster import LocalCluster, LocalClusterConfig
 
-    was_up = ray.is_initialized()
-    if was_up:
-        ray.shutdown()
-    started = time.monotonic()
-    local = LocalCluster(LocalClusterConfig(workers=2, head_cpus=2, worker_cpus=1)).start()
-    try:
-        ray.init(address=local.address, log_to_driver=True,
-                 runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false",
-                                           "HF_HUB_OFFLINE": "1",
-                                           # Train's PlacementGroupCleaner otherwise joins "the latest" Ray
-                                           # instance on the machine, which may be someone else's
-                                           "RAY_ADDRESS": local.address}})
-        print(f"[multinode] head + 2 worker nodes up in {time.monotonic() - started:.1f} s at {local.address}")
-        yield local
-    finally:
-        ray.shutdown()
-        local.stop()
-        if was_up:
-            start_embedded_ray()
+    with session_ray_aside():
+        started = time.monotonic()
+        local = LocalCluster(LocalClusterConfig(workers=2, head_cpus=2, worker_cpus=1)).start()
+        try:
+            ray.init(address=local.address, log_to_driver=True,
+                     runtime_env={"env_vars": {"RAY_AUTH_MODE": "disabled", "TOKENIZERS_PARALLELISM": "false",
+                                               "HF_HUB_OFFLINE": "1",
+                                               # Train's PlacementGroupCleaner otherwise joins "the latest" Ray
+                                               # instance on the machine, which may be someone else's
+                                               "RAY_ADDRESS": local.address}})
+            print(f"[multinode] head + 2 worker nodes up in {time.monotonic() - started:.1f} s at {local.address}")
+            yield local
+        finally:
+            ray.shutdown()
+            local.stop()
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import socket
 import threading
 import time
 from datetime import UTC, datetime, timedelta
@@ -64,12 +63,6 @@ def _read_by_run(model_dir: str) -> dict[str, int]:
     """{shard name: samples} that the training run's read tasks report, from the model it exported."""
     data = json.loads((Path(model_dir) / "training_data.json").read_text())
     return {Path(p).name: n for p, n in data["shards_read"].items()}
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Traffic(ClientThreads):
@@ -113,7 +106,7 @@ def test_ticks_retrain_evaluate_promote_and_roll_serve(ray_session, mlflow_serve
 
     from pipelines.lifecycle.mlflow_mirror import MlflowSection
     from pipelines.serve.follow import AliasFollower
-    from pipelines.serve.ingress import ServeArgs
+    from pipelines.serve.ingress import ServeArgs, free_port
     from pipelines.tracking.models import resolve_model_uri
     from slime.config import from_dict
 
@@ -143,7 +136,7 @@ def test_ticks_retrain_evaluate_promote_and_roll_serve(ray_session, mlflow_serve
     runner = LocalRunner(cfg.jobs, cfg.rollout, cfg.work_dir, cfg.val)
     scheduler = Scheduler(cfg, runner, now=lambda: clock[0])
     registry = Registry(cfg.registry)
-    port = _free_port()
+    port = free_port()
     from tests.conftest import start_serve
 
     start_serve(port)  # on a fresh Ray (tests/conftest.py says why)

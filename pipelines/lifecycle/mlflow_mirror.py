@@ -77,9 +77,9 @@ def adopt_alias_move(section: MlflowSection, registry: Registry) -> dict[str, An
     if current is None or last is None or current["version"] == last:
         return None
     moved = {"mlflow_version": current["version"], "mirror_had": last}
-    version_id = current["tags"].get("slime.registry_version")
+    version_id = current["tags"].get("slime.registry_version", "")  # "" (not mirrored from a registry): unknown
     try:
-        registry.get(version_id or "")
+        registry.get(version_id)
     except KeyError:
         return {**moved, "ignored": f"MLflow version {current['version']} is not a version of {registry.root}"}
     prod = registry.production()
