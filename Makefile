@@ -73,10 +73,10 @@ mlflow: $(MLFLOW_VENV)/.installed
 demo: setup mlflow
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/slime demo
 
-test: setup harness mlflow   # two pytest workers, whole modules each (tests/conftest.py: each its own Ray on free ports)
-	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q -n 2 --dist loadfile --no-loadscope-reorder
+test: setup harness mlflow   # one test at a time: two pytest workers (two Rays side by side) crashed a Ray driver
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q
 
-test-extended: setup harness mlflow   # outside make test: the head lost under a scheduled Ray Job (~3 min), test_train's single-node worker failure
+test-extended: setup harness mlflow   # outside make test: the head lost under a scheduled Ray Job (~3 min), ZeRO-2 across two nodes, test_train's single-node worker failure
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q -m extended
 
 bench: setup

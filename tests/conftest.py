@@ -50,7 +50,7 @@ def start_embedded_ray():
     for attempt in (1, 2):
         if ray.is_initialized():
             break
-        # `make test` runs two pytest workers, each with its own embedded Ray: free ports, not Ray's defaults
+        # Free ports, not Ray's defaults, so a test Ray keeps to itself beside any other Ray on the machine
         # (pipelines.cluster.init_embedded; the dashboard agent's 52365 too, which ray.init has no argument for)
         try:
             with agent_port(free_port()):
@@ -196,8 +196,7 @@ def mlflow_server(tmp_path_factory, moto_s3, artifact_bucket):
     assert server.process.poll() is not None
 
 
-# `make test` runs two pytest workers (pytest-xdist, `--dist loadfile --no-loadscope-reorder`): whole modules are
-# handed out in collection order, so the long ones go first and no worker runs a 5-minute module alone at the end.
+# The long modules first: a run that breaks on a slow or busy machine breaks in its first minutes.
 LONGEST_FIRST = ("test_multinode", "test_schedule_e2e", "test_readme_steps", "test_demo", "test_serve", "test_train",
                  "test_tracking", "test_lora", "test_harness", "test_learning", "test_data_pipeline", "test_lora_serve",
                  "test_evaluate")

@@ -116,10 +116,15 @@ def test_ticks_retrain_evaluate_promote_and_roll_serve(ray_session, mlflow_serve
     run_cfg.update(storage_path=str(tmp_path / "runs"),
                    # One phase (joint) per retrain: what is checked here is the tick, not the schedule
                    # (test_train covers phases); each phase costs its own data pipeline start-up.
-                   # 14 steps of 2 samples: an epoch of the (<= 3 x 9 samples) shards given, so every one is read.
-                   phases=[dict(run_cfg["phases"][3], steps=14)],
+                   # One epoch of the shards given (9 steps of 2 samples on tick 1's 18, 13 on tick 3's 27), so every
+                   # one is read and no second pass starts (a new pass waits ~7 s for its pipeline).
+                   phases=[dict(run_cfg["phases"][3], steps=None, epochs=1)],
                    scaling=dict(run_cfg["scaling"], num_workers=1), checkpoint=dict(run_cfg["checkpoint"], every_steps=100))
     (tmp_path / "train.yaml").write_text(yaml.safe_dump(run_cfg))
+    # The gate's evaluation on the HF reference engine (~10 s less a tick than starting vLLM; the README steps and
+    # the demo evaluate on vLLM): what is checked here is what the tick does with the result.
+    eval_cfg = dict(yaml.safe_load((REPO / "jobs/configs/eval_tiny.yaml").read_text()), engine="hf")
+    (tmp_path / "eval.yaml").write_text(yaml.safe_dump(eval_cfg))
     serve_cfg = yaml.safe_load((REPO / "cluster/serve_config.yaml").read_text())
     app = serve_cfg["applications"][0]
     app["name"], app["route_prefix"] = "sched", "/sched"
@@ -129,7 +134,7 @@ def test_ticks_retrain_evaluate_promote_and_roll_serve(ray_session, mlflow_serve
     cfg = ScheduleConfig(registry=str(tmp_path / "registry"), manifest=str(tmp_path / "wds-train"),
                          val=str(tmp_path / "wds-val"), work_dir=str(tmp_path / "work"), tolerance=0.05,
                          jobs=JobsConfig(address="local", train_config=str(tmp_path / "train.yaml"),
-                                         eval_config=str(REPO / "jobs/configs/eval_tiny.yaml")),
+                                         eval_config=str(tmp_path / "eval.yaml")),
                          rollout=RolloutConfig(mode="run", serve_config=str(tmp_path / "serve.yaml"), app_name="sched"),
                          mlflow=MlflowSection(uri=mlflow_server.uri, model_name=NAME, experiment="sched-e2e"))
     clock = [datetime(2026, 11, 22, 3, 0, tzinfo=UTC)]
