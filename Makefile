@@ -5,7 +5,7 @@ PY ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup harness mlflow demo test test-extended bench clean
+.PHONY: setup harness mlflow envs demo test test-extended bench clean
 
 # pip's own output (hundreds of lines of resolver notes and index warnings) goes to $(LOG), not the
 # console; a failing step prints the end of that log and where the rest is.
@@ -73,10 +73,15 @@ mlflow: $(MLFLOW_VENV)/.installed
 demo: setup mlflow
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/slime demo
 
-test: setup harness mlflow   # one test at a time: two pytest workers (two Rays side by side) crashed a Ray driver
+# The three environments build side by side (pip waits on disk and the network much of the time): from scratch
+# 180 s (two runs) against 223-254 s one after the other on the 2-core machine; nothing to do once built.
+envs:
+	@$(MAKE) --no-print-directory -j3 setup harness mlflow
+
+test: envs   # one test at a time: two pytest workers (two Rays side by side) crashed a Ray driver
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q
 
-test-extended: setup harness mlflow   # outside make test: the head lost under a scheduled Ray Job (~3 min), ZeRO-2 across two nodes, test_train's single-node worker failure
+test-extended: envs   # outside make test: the head lost under a scheduled Ray Job (~3 min), ZeRO-2 across two nodes, test_train's single-node worker failure
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -m pytest -q -m extended
 
 bench: setup
