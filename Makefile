@@ -74,7 +74,7 @@ demo: setup mlflow
 	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/slime demo
 
 # The three environments build side by side (pip waits on disk and the network much of the time): from scratch
-# 180 s (two runs) against 223-254 s one after the other on the 2-core machine; nothing to do once built.
+# 180 s (median of 3 runs, 140-180) against 254 s (223-290) one after the other on the 2-core machine.
 envs:
 	@$(MAKE) --no-print-directory -j3 setup harness mlflow
 
