@@ -288,6 +288,9 @@ def init_embedded(*, include_dashboard: bool = True, runtime_env: dict | None = 
 
     runtime_env = dict(runtime_env or {})
     env = dict(runtime_env.get("env_vars") or {})
+    # Ray Train's preemption watcher (one more actor process per run, polling node drains) has nothing to watch on
+    # a one-node Ray that goes away with this process.
+    env.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     if include_dashboard:
         port = _free_port()
         kwargs.update(dashboard_host="127.0.0.1", dashboard_port=port)

@@ -76,6 +76,9 @@ class DataConfig:
     only_versions: tuple[int, ...] | None = None  # e.g. (7,) = only the shards packed in dataset version 7
     exclude: tuple[str, ...] = ()  # shard names or URIs to leave out
     metrics_name: str = "DataMetrics"  # name of the counters actor (one per concurrent pipeline)
+    # Samples one pass yields at most (None = all). A training phase sets it to the samples its steps consume, so
+    # a phase shorter than an epoch stops reading and preprocessing there instead of streaming on ahead.
+    limit: int | None = None
     storage: StorageConfig = field(default_factory=StorageConfig)
 
     def __post_init__(self) -> None:
@@ -96,6 +99,8 @@ class DataConfig:
             raise ValueError(f"gamma must be in (0, 1], got {self.gamma}")
         if isinstance(self.shards, tuple) and not self.shards:
             raise ValueError("shards is an empty list")
+        if self.limit is not None and self.limit < 1:
+            raise ValueError(f"limit must be >= 1 or null, got {self.limit}")
 
 
 # ----------------------------------------------------------------------------- shards
@@ -187,6 +192,8 @@ def build_dataset(cfg: DataConfig, epoch: int = 0) -> ray.data.Dataset:
                                   max_tasks_in_flight_per_actor=cfg.max_tasks_in_flight_per_actor),
         batch_size=cfg.batch_size, batch_format="numpy", num_cpus=cfg.actor_num_cpus, num_gpus=_actor_gpus(cfg),
         zero_copy_batch=True)
+    if cfg.limit is not None:  # after the Preprocessor: dropped samples do not count
+        ds = ds.limit(cfg.limit)
     ds.context.execution_options.preserve_order = cfg.preserve_order  # this dataset only, not the process
     return ds
 
