@@ -203,7 +203,10 @@ def test_the_engine_computes_on_cpu_threads_not_on_rays_one(client):
 
     alive = list_actors(address=ray.get_runtime_context().gcs_address, filters=[("state", "=", "ALIVE")])
     replicas = [a.pid for a in alive if a.class_name.startswith(f"ServeReplica:{APP}:")]
-    cores = [c for pid in replicas for c in psutil.Process(pid).children(recursive=True) if "EngineCore" in c.name()]
+    # vLLM titles the process "VLLM::EngineCore"; psutil's name() is the kernel's 15-character copy of it, extended
+    # from the command line only when that is readable at the moment (CI once saw "VLLM::EngineCor").
+    cores = [c for pid in replicas for c in psutil.Process(pid).children(recursive=True)
+             if c.name().startswith("VLLM::EngineCor")]
     assert cores, f"no vLLM engine core under the replicas {replicas}"
 
     def cpu_s() -> dict:

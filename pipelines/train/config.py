@@ -210,6 +210,11 @@ class TrainConfig:
     tracking: TrackingSection = field(default_factory=TrackingSection)
     fault: FaultConfig = field(default_factory=FaultConfig)
 
+    @property
+    def samples_per_step(self) -> int:
+        """Samples one optimizer step consumes over all workers."""
+        return self.scaling.num_workers * self.optim.micro_batch_size * self.optim.grad_accum
+
     def __post_init__(self) -> None:
         missing = [n for n in self.cyclic.pattern if n not in {p.name for p in self.phases}]
         if missing:

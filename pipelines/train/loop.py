@@ -68,10 +68,6 @@ def resolve_phases(cfg: TrainConfig, init_dir: str) -> list[PhaseConfig]:
     return [p if p.gamma is not None else replace(p, gamma=init_cfg.local.gamma) for p in expand_phases(cfg)]
 
 
-def samples_per_step(cfg: TrainConfig) -> int:
-    return cfg.scaling.num_workers * cfg.optim.micro_batch_size * cfg.optim.grad_accum
-
-
 def phase_steps(cfg: TrainConfig, phase: PhaseConfig, dcfg) -> int:
     if phase.steps is not None:
         return phase.steps
@@ -84,7 +80,7 @@ def phase_steps(cfg: TrainConfig, phase: PhaseConfig, dcfg) -> int:
     if any(u not in samples for u in uris):
         raise ValueError(f"phase {phase.name!r} uses epochs but its shards are not all in {root}/manifest.json; "
                          f"give steps instead")
-    return max(1, math.floor(phase.epochs * sum(samples[u] for u in uris) / samples_per_step(cfg)))
+    return max(1, math.floor(phase.epochs * sum(samples[u] for u in uris) / cfg.samples_per_step))
 
 
 def ensure_init_model(cfg: TrainConfig) -> str:
@@ -150,7 +146,7 @@ def train(cfg: TrainConfig) -> dict:
     phases = resolve_phases(cfg, init_dir)
     dcfgs = {p.name: phase_data_config(cfg, p, init_dir) for p in phases}
     plan = [phase_steps(cfg, p, dcfgs[p.name]) for p in phases]
-    dcfgs = {p.name: replace(dcfgs[p.name], limit=n * samples_per_step(cfg)) for p, n in zip(phases, plan)}
+    dcfgs = {p.name: replace(dcfgs[p.name], limit=n * cfg.samples_per_step) for p, n in zip(phases, plan)}
     from pipelines.train.mlflow_run import TrainTracking
 
     tracking = TrainTracking.open(cfg, phases, plan)  # the MLflow run (reopened on resume); never raises
