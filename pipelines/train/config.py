@@ -133,8 +133,9 @@ class IngestSection:
     prefetch_batches: int = 1  # fetched batches (of micro_batches_per_fetch each) kept ready ahead
     # Start the data pipelines of the next ``warm_ahead`` phases in background threads (batches.Batches.warm),
     # and the first phase's while the model loads: a phase change then does not wait for Ray Data's start-up
-    # (12-50 s on 2 cores). 1 overlaps each start with the phase before it; more helps when phases are
-    # shorter than a pipeline start, at the price of that many pipelines holding actors at once. 0 = off.
+    # (12-50 s on 2 cores). 1 overlaps each start with the phase before it; more can help when phases are
+    # shorter than a pipeline start and cores are free (on 2 cores 2 was slower: README), at the price of that
+    # many pipelines holding actors at once. 0 = off.
     warm_ahead: int = 1
 
     def __post_init__(self) -> None:
