@@ -205,8 +205,19 @@ def test_the_engine_computes_on_cpu_threads_not_on_rays_one(client):
     replicas = [a.pid for a in alive if a.class_name.startswith(f"ServeReplica:{APP}:")]
     # vLLM titles the process "VLLM::EngineCore"; psutil's name() is the kernel's 15-character copy of it, extended
     # from the command line only when that is readable at the moment (CI once saw "VLLM::EngineCor").
-    cores = [c for pid in replicas for c in psutil.Process(pid).children(recursive=True)
-             if c.name().startswith("VLLM::EngineCor")]
+    def is_core(p) -> bool:
+        try:
+            return p.name().startswith("VLLM::EngineCor") or "EngineCore" in " ".join(p.cmdline())
+        except psutil.Error:
+            return False
+
+    def of_this_app(p) -> bool:  # the replica by pid (state API), or by its process title
+        try:
+            return any(a.pid in replicas or f"ServeReplica:{APP}:" in a.name() for a in p.parents())
+        except psutil.Error:
+            return False
+
+    cores = [c for c in psutil.process_iter() if is_core(c) and of_this_app(c)]
     assert cores, f"no vLLM engine core under the replicas {replicas}"
 
     def cpu_s() -> dict:
