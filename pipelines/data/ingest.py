@@ -77,7 +77,8 @@ class DataConfig:
     exclude: tuple[str, ...] = ()  # shard names or URIs to leave out
     metrics_name: str = "DataMetrics"  # name of the counters actor (one per concurrent pipeline)
     # Samples one pass yields at most (None = all). A training phase sets it to the samples its steps consume, so
-    # a phase shorter than an epoch stops reading and preprocessing there instead of streaming on ahead.
+    # a phase shorter than an epoch stops reading and preprocessing there instead of streaming on ahead (a smaller
+    # limit set in the run's data section stays).
     limit: int | None = None
     storage: StorageConfig = field(default_factory=StorageConfig)
 

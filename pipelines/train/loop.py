@@ -146,9 +146,9 @@ def train(cfg: TrainConfig) -> dict:
     phases = resolve_phases(cfg, init_dir)
     dcfgs = {p.name: phase_data_config(cfg, p, init_dir) for p in phases}
     plan = [phase_steps(cfg, p, dcfgs[p.name]) for p in phases]
-    dcfgs = {p.name: replace(dcfgs[p.name], limit=n * cfg.samples_per_step) for p, n in zip(phases, plan)}
+    dcfgs = {p.name: replace(d, limit=min(n * cfg.samples_per_step, d.limit or n * cfg.samples_per_step))
+             for p, n, d in zip(phases, plan, dcfgs.values())}
     from pipelines.train.mlflow_run import TrainTracking
-
     tracking = TrainTracking.open(cfg, phases, plan)  # the MLflow run (reopened on resume); never raises
     try:
         return _fit(cfg, init_dir, phases, dcfgs, plan, tracking)
