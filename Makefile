@@ -28,6 +28,9 @@ $(BIN)/.installed: pyproject.toml constraints.txt requirements-vllm.txt
 	@$(BIN)/pip install -q -c constraints.txt -e ".[test]" $(QUIET)
 	@$(BIN)/python -c "import vllm, transformers; from transformers import LlamaConfig; import importlib.util as u; \
 		bad = [m for m in ('torchvision', 'torchaudio', 'torchcodec') if u.find_spec(m)]; assert not bad, bad"
+	@# DeepSpeed's CPU backend JIT-builds a C++ op (shm_comm) on first use: built here, with the install, instead of
+	@# inside the first training run (30 s - 3 min on 2 cores; cached in ~/.cache/torch_extensions per venv path).
+	@$(BIN)/python -c "from pipelines.train.parallel import load_deepspeed_ops; load_deepspeed_ops()" $(QUIET)
 	@touch $@
 	@echo "set-up done"
 

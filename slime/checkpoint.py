@@ -27,10 +27,10 @@ from pathlib import Path
 import torch
 import yaml
 from safetensors.torch import load_file, save_file
-from transformers import AutoTokenizer
 
 from slime.config import ModelConfig, VisualMode, from_dict, replace, to_dict
 from slime.storage import local_copy
+from slime.tokenizer import load_tokenizer
 
 FORMAT_VERSION = 2  # 2: the resamplers' position tables are saved
 
@@ -102,7 +102,7 @@ def load_pretrained(path: str, device: str | torch.device = "cpu", dtype: str | 
     cfg = load_config(local)
     if dtype:
         cfg = replace(cfg, dtype=dtype)
-    tokenizer = AutoTokenizer.from_pretrained(str(local / "tokenizer"))
+    tokenizer = load_tokenizer(local / "tokenizer")
     llm_conf = architecture_config(json.loads((local / "llm_config.json").read_text()))
     vision_conf = json.loads((local / "vision_config.json").read_text())
     model = build_model(cfg, tokenizer, llm_hf_config=llm_conf, vision_hf_config=vision_conf)

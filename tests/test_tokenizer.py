@@ -78,3 +78,33 @@ def test_ensure_image_token_adds_missing():
 def test_separator_id(tok):
     assert separator_id(tok) == tok(",", add_special_tokens=False)["input_ids"][-1]
     assert tok.decode([separator_id(tok)]) == ","
+
+
+def _same_tokenizer(a, b) -> None:
+    texts = ["USER: <image>\nWhat colour is the big shape? ASSISTANT: blue</s>", "naïve café ✓ 日本 42",
+             "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nhi<|eot_id|>"]
+    assert type(a) is type(b) and len(a) == len(b) and a.chat_template == b.chat_template
+    assert a.all_special_tokens == b.all_special_tokens and a.all_special_ids == b.all_special_ids
+    for text in texts:
+        assert a(text)["input_ids"] == b(text)["input_ids"], text
+        assert a(text, add_special_tokens=False)["input_ids"] == b(text, add_special_tokens=False)["input_ids"]
+
+
+def test_load_tokenizer_is_what_autotokenizer_loads(tok, tmp_path):
+    """load_tokenizer skips transformers' auto classes only where they could not pick another class: same class,
+    vocabulary, special tokens and ids as AutoTokenizer, for our tiny tokenizer and for a Llama-3-style release's
+    tokenizer files (a checkpoint's tokenizer/ has no config.json); with a model config beside it, it is
+    AutoTokenizer's own answer."""
+    import shutil
+    from pathlib import Path
+
+    from slime.tokenizer import load_tokenizer
+
+    tok.save_pretrained(tmp_path / "tiny")
+    _same_tokenizer(load_tokenizer(tmp_path / "tiny"), AutoTokenizer.from_pretrained(str(tmp_path / "tiny")))
+    release = Path(__file__).parent / "assets" / "upstream" / "bases" / "llama3-tiny"
+    (tmp_path / "llama3").mkdir()
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"):
+        shutil.copy(release / name, tmp_path / "llama3" / name)
+    _same_tokenizer(load_tokenizer(tmp_path / "llama3"), AutoTokenizer.from_pretrained(str(tmp_path / "llama3")))
+    _same_tokenizer(load_tokenizer(release), AutoTokenizer.from_pretrained(str(release)))

@@ -220,14 +220,14 @@ class Preprocessor:
     def __init__(self, *, model: str, mode: str, gamma: float | None, output: str,
                  storage_cfg: StorageConfig | None, metrics_name: str) -> None:
         import torch
-        from transformers import AutoTokenizer
 
         from slime.checkpoint import load_config
         from slime.processing import SlimeProcessor
+        from slime.tokenizer import load_tokenizer
 
         local = _local_model_dir(model, storage_cfg)
         self.cfg = load_config(local)
-        self.processor = SlimeProcessor(self.cfg, AutoTokenizer.from_pretrained(os.path.join(local, "tokenizer")))
+        self.processor = SlimeProcessor(self.cfg, load_tokenizer(os.path.join(local, "tokenizer")))
         self.mode, self.gamma, self.output, self.metrics_name = mode, gamma, output, metrics_name
         t, m, s = self.cfg.max_length, self.cfg.tiling.max_tiles, self.cfg.vision.image_size
         self.shapes = {"input_ids": ((t,), np.int64), "attention_mask": ((t,), np.int64), "labels": ((t,), np.int64),
