@@ -30,7 +30,11 @@ $(BIN)/.installed: pyproject.toml constraints.txt requirements-vllm.txt
 		bad = [m for m in ('torchvision', 'torchaudio', 'torchcodec') if u.find_spec(m)]; assert not bad, bad"
 	@# DeepSpeed's CPU backend JIT-builds a C++ op (shm_comm) on first use: built here, with the install, instead of
 	@# inside the first training run (30 s - 3 min on 2 cores; cached in ~/.cache/torch_extensions per venv path).
-	@$(BIN)/python -c "from pipelines.train.parallel import load_deepspeed_ops; load_deepspeed_ops()" $(QUIET)
+	@# With the venv's bin first on PATH, as every run has it: torch calls whichever `ninja` PATH finds, and the
+	@# system's (1.11) and the venv's (1.13) each rebuild what the other built (measured: a fresh clone's setup
+	@# built it with the system's, and the suite's first DeepSpeed test then spent 34 s building it again).
+	@PATH="$(abspath $(BIN)):$$PATH" $(BIN)/python -c "from pipelines.train.parallel import load_deepspeed_ops; \
+		load_deepspeed_ops()" $(QUIET)
 	@touch $@
 	@echo "set-up done"
 
