@@ -60,13 +60,11 @@ def endpoint(ray_session, moto_s3, models):
     from ray import serve
 
     from pipelines.serve.app import build_app
-    from pipelines.serve.ingress import free_port
-    from tests.conftest import start_serve
+    from tests.conftest import shared_serve
 
     bucket = f"adapters-{uuid.uuid4().hex[:8]}"
     boto3.client("s3", endpoint_url=moto_s3, region_name="us-east-1").create_bucket(Bucket=bucket)
-    port = free_port()
-    start_serve(port)  # on a fresh Ray (tests/conftest.py says why)
+    port = shared_serve()
     # cpu_threads=2: the engine computes on both cores though Ray gives a 0.25-CPU replica one OMP thread (tested below)
     args = dict(model=models["base"], model_id="base", api_key=KEY, engine="vllm", num_cpus=0.25, cpu_threads=2, max_tokens=32,
                 adapters={"a1": models["a1"]}, lora_dir=f"s3://{bucket}/lora", max_loras=2, max_cpu_loras=2, max_lora_rank=8,
@@ -76,7 +74,6 @@ def endpoint(ray_session, moto_s3, models):
     # serve.run returns once the replica is up (engine warmed, registered adapters loaded)
     yield {"url": f"http://127.0.0.1:{port}", "lora_dir": f"s3://{bucket}/lora"}
     serve.delete(APP)
-    serve.shutdown()
 
 
 @pytest.fixture(scope="module")

@@ -106,7 +106,7 @@ def test_ticks_retrain_evaluate_promote_and_roll_serve(ray_session, mlflow_serve
 
     from pipelines.lifecycle.mlflow_mirror import MlflowSection
     from pipelines.serve.follow import AliasFollower
-    from pipelines.serve.ingress import ServeArgs, free_port
+    from pipelines.serve.ingress import ServeArgs
     from pipelines.tracking.models import resolve_model_uri
     from slime.config import from_dict
 
@@ -141,10 +141,9 @@ def test_ticks_retrain_evaluate_promote_and_roll_serve(ray_session, mlflow_serve
     runner = LocalRunner(cfg.jobs, cfg.rollout, cfg.work_dir, cfg.val)
     scheduler = Scheduler(cfg, runner, now=lambda: clock[0])
     registry = Registry(cfg.registry)
-    port = free_port()
-    from tests.conftest import start_serve
+    from tests.conftest import shared_serve
 
-    start_serve(port)  # on a fresh Ray (tests/conftest.py says why)
+    port = shared_serve()
 
     def served_fingerprint() -> str:
         return httpx.get(f"http://127.0.0.1:{port}/sched/healthz", timeout=30).json()["fingerprint"]
@@ -224,4 +223,4 @@ def test_ticks_retrain_evaluate_promote_and_roll_serve(ray_session, mlflow_serve
         print(f"manual alias move: served after {took:.1f} s, {len(traffic.fingerprints)} requests, none failed")
     finally:
         stop_following.set()
-        serve.shutdown()
+        serve.delete("sched")

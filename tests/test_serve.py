@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import base64
 import io
-import socket
 import time
 
 import pytest
@@ -67,17 +66,14 @@ def server(ray_session, tiny_checkpoints, engine, timings_file):
 
     from pipelines.serve import timings
     from pipelines.serve.app import build_app
-    from tests.conftest import start_serve
+    from tests.conftest import shared_serve
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    start_serve(port)  # on a fresh Ray (tests/conftest.py says why)
+    port = shared_serve()
     # the vLLM app runs every test below with its (opt-in) per-request timings on: no feature may depend on them off
     env = {timings.ENV: timings_file} if engine == "vllm" else {}
     serve.run(build_app(serve_args(tiny_checkpoints[0], engine, env=env)), name=APP, route_prefix="/", blocking=False)
     yield f"http://127.0.0.1:{port}"
-    serve.shutdown()
+    serve.delete(APP)
 
 
 @pytest.fixture(scope="module")
@@ -298,6 +294,10 @@ def test_autoscaling_up_under_load_and_back_down(server, engine):
     print(f"autoscaling: up after {up_s:.1f}s, down after {down_s:.1f}s, {len(load.statuses)} requests")
 
 
+# make test rolls a vLLM app to another checkpoint under openai-client load with no failed request in
+# tests/test_schedule_e2e.py (the manual alias move: the same serve.run on the running app, ~50 s of engine start
+# saved here); this one, with images in the requests, runs in `make test-extended`.
+@pytest.mark.extended
 def test_model_swap_under_load_has_no_failed_requests(server, tiny_checkpoints, engine):
     import httpx
     from ray import serve
