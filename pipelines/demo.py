@@ -108,6 +108,9 @@ def run_demo(cfg: DemoConfig) -> dict:
         summary = pack(PackConfig(inputs=(str(raw / f"{split}.json"),), output_dir=str(wds / split),
                                   max_samples_per_shard=64, progress=False))
         rejected = sum(summary["rejects"].values())
+        if summary["skipped_sources"] and not summary["written_shards"]:  # a second demo in this work dir
+            say(f"{split}: already packed ({summary['num_samples']} samples) -> {wds / split}")
+            continue
         say(f"{split}: {summary['samples']} samples in {len(summary['written_shards'])} shards, {rejected} rejected "
               f"-> {wds / split}")
     timings["pack_s"] = time.perf_counter() - t
@@ -137,8 +140,9 @@ def run_demo(cfg: DemoConfig) -> dict:
             say(f"MLflow run {result['mlflow']['run_id']} -> {result['mlflow']['store'] or result['mlflow']['uri']}")
 
         t = _step("4/6 evaluate on the held-out split")
+        # overwrite: a second demo in the same work dir resumes its run (same name) and re-evaluates what it exports
         metrics = evaluate(EvalConfig(model=str(models / "candidate"), data=EvalDataSection(val=str(wds / "val")),
-                                      output=str(work / "eval" / "metrics.json")))
+                                      output=str(work / "eval" / "metrics.json"), overwrite=True))
         timings["evaluate_s"] = time.perf_counter() - t
         say(f"accuracy {metrics['accuracy']:.3f} on {metrics['num_samples']} held-out questions on "
               f"{metrics['engine']} ({metrics['errors']} errors, counted wrong)")
