@@ -106,14 +106,11 @@ SERVING_MODULES = ("test_schedule_e2e", "test_serve", "test_lora_serve", "test_h
 def shared_serve() -> int:
     """The HTTP port of the running Serve (on 127.0.0.1), started with start_serve if none runs on this Ray."""
     import ray
-    from ray.serve.context import _get_global_client  # the running controller, if any (no public API)
 
-    from pipelines.serve.ingress import free_port
+    from pipelines.serve.ingress import free_port, running_serve_port
 
-    if ray.is_initialized():
-        running = _get_global_client(raise_if_no_controller_running=False)
-        if running is not None:
-            return running.http_config.port
+    if ray.is_initialized() and (running := running_serve_port()) is not None:
+        return running
     port = free_port()
     start_serve(port)
     return port

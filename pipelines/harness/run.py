@@ -66,20 +66,19 @@ def serve_for_run(cfg: HarnessConfig, model: str):
     import uuid
 
     from ray import serve
-    from ray.serve.context import _get_global_client  # the running controller, if any (no public API)
 
     from pipelines.console import quiet_driver_logs
     from pipelines.serve.app import ServeArgs, build_app
-    from pipelines.serve.ingress import free_port
+    from pipelines.serve.ingress import free_port, running_serve_port
 
-    running = _get_global_client(raise_if_no_controller_running=False)
+    running = running_serve_port()
     name = f"lmms-eval-{uuid.uuid4().hex[:8]}"
     if running is None:
         port, route = free_port(), "/"
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         quiet_driver_logs()
     else:
-        port, route = running.http_config.port, f"/{name}"
+        port, route = running, f"/{name}"
     args = ServeArgs(model=model, model_id=cfg.model_id, engine=cfg.engine, mode=cfg.mode, num_cpus=cfg.serve_num_cpus,
                      num_gpus=cfg.serve_num_gpus, max_ongoing_requests=max(16, cfg.num_concurrent + 1),
                      max_tokens=max(cfg.max_tokens, 16), api_key=cfg.api_key)

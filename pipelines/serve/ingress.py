@@ -36,6 +36,14 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def running_serve_port() -> int | None:
+    """The HTTP port of the Serve already running on the connected Ray, or None when none runs."""
+    from ray.serve.context import _get_global_client  # the running controller, if any (no public API)
+
+    running = _get_global_client(raise_if_no_controller_running=False)
+    return None if running is None else running.http_config.port
+
+
 @dataclass(frozen=True, kw_only=True)
 class AutoscalingArgs:
     """Serve's autoscaling_config. Defaults are production-slow; tests shorten the delays."""
