@@ -218,7 +218,7 @@ def evaluate(cfg: EvalConfig) -> dict:
     import ray
     from ray.data import ActorPoolStrategy
 
-    from pipelines.data.ingest import DataConfig, list_shards, read_target
+    from pipelines.data.ingest import DataConfig, list_shards, read_concurrency, read_target
     from pipelines.data.preprocess import ShardReader, metrics_actor
 
     start = time.perf_counter()
@@ -228,8 +228,9 @@ def evaluate(cfg: EvalConfig) -> dict:
                                     storage=cfg.storage))
     paths, fs = read_target(shards, cfg.storage)
     metrics_actor("DataMetrics-eval")
-    ds = ray.data.read_datasource(ShardReader(paths, filesystem=fs, metrics_name="DataMetrics-eval"),
-                                  num_cpus=cfg.read_num_cpus, concurrency=cfg.read_concurrency)
+    reader = ShardReader(paths, filesystem=fs, metrics_name="DataMetrics-eval")
+    ds = ray.data.read_datasource(reader, num_cpus=cfg.read_num_cpus,
+                                  concurrency=read_concurrency(cfg.read_concurrency, len(paths)))
     if cfg.data.limit:
         ds = ds.limit(cfg.data.limit)
     from pipelines.serve.engine import resolve_engine

@@ -96,6 +96,13 @@ def test_list_shards_filters(data, tmp_path):
         _cfg(data, "list", batch_size=0)
 
 
+def test_read_concurrency_never_exceeds_the_shards():
+    from pipelines.data.ingest import read_concurrency
+
+    assert [read_concurrency(2, n) for n in (1, 2, 10)] == [1, 2, 2]
+    assert read_concurrency(None, 1) is None and read_concurrency(3, 0) == 1
+
+
 @pytest.mark.integration
 def test_local_rows_follow_the_contract(data, local_rows):
     cfg, rows, counts = local_rows

@@ -167,6 +167,12 @@ def _actor_gpus(cfg: DataConfig) -> float:
     return cfg.actor_num_gpus
 
 
+def read_concurrency(configured: int | None, files: int) -> int | None:
+    """Shard reads at once: the configured number, never more than the files (one read task reads at least one
+    file; more would only make Ray Data warn that the operator cannot use them)."""
+    return None if configured is None else max(1, min(configured, files))
+
+
 def build_dataset(cfg: DataConfig, epoch: int = 0) -> ray.data.Dataset:
     """Lazy dataset of contract rows (+ ``sample_hash`` int64; + ``vision_features`` instead of
     ``pixel_values`` in features mode). Nothing runs until it is iterated."""
@@ -183,7 +189,8 @@ def build_dataset(cfg: DataConfig, epoch: int = 0) -> ray.data.Dataset:
     # not after a whole shard; measured first batch 15 s -> see benchmarks/data_throughput.py.
     reader = ShardReader(paths, filesystem=fs, shuffle=shuffle, metrics_name=cfg.metrics_name,
                          rows_per_block=cfg.batch_size)
-    ds = ray.data.read_datasource(reader, num_cpus=cfg.read_num_cpus, concurrency=cfg.read_concurrency)
+    ds = ray.data.read_datasource(reader, num_cpus=cfg.read_num_cpus,
+                                  concurrency=read_concurrency(cfg.read_concurrency, len(paths)))
     sizes = cfg.num_actors if isinstance(cfg.num_actors, tuple) else (cfg.num_actors, cfg.num_actors)
     ds = ds.map_batches(
         Preprocessor,

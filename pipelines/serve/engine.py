@@ -18,12 +18,17 @@ import json
 import os
 import shutil
 import tempfile
+import logging
 from pathlib import Path
 
 from slime.checkpoint import architecture_config, load_config
 from slime.config import VisualMode
 from slime.predictor import ChatEncoder, ChatRequest, ChatResult, RequestLimits
 from slime.storage import local_copy
+
+# vLLM's import on CPU logs "Triton is installed, but doesn't include CPU backend. Disabling Triton." as a warning
+# in every process that imports it (the job's driver too): the CPU backend never uses Triton, so it says nothing.
+logging.getLogger("vllm.triton_utils.importing").setLevel(logging.ERROR)
 
 # Before vLLM is imported in this process or a child: on a 2-core machine vLLM's CPU backend would
 # otherwise reserve one core for the front end and run the model on the other.
@@ -130,8 +135,6 @@ def resolve_engine(engine: str, uri: str) -> str:
         return engine
     reason = vllm_unsupported(uri)
     if reason:
-        import logging
-
         logging.getLogger(__name__).warning("serving %s on the HF Predictor, not vLLM: %s", uri, reason)
         return "hf"
     return "vllm"
