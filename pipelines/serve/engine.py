@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import tempfile
-import logging
 from pathlib import Path
 
 from slime.checkpoint import architecture_config, load_config
