@@ -29,8 +29,8 @@ $(BIN)/.installed: pyproject.toml constraints.txt requirements-vllm.txt
 	@$(BIN)/python -c "import vllm, transformers; from transformers import LlamaConfig; import importlib.util as u; \
 		bad = [m for m in ('torchvision', 'torchaudio', 'torchcodec') if u.find_spec(m)]; assert not bad, bad"
 	@# DeepSpeed's CPU backend JIT-builds a C++ op (shm_comm) on first use: built here, with the install, instead of
-	@# inside the first training run (30 s - 3 min on 2 cores; cached in ~/.cache/torch_extensions/py311_cpu, one build per Python version:
-	@# a second venv on the machine rebuilds it with its own include paths, and the first then rebuilds it again).
+	@# inside the first training run (30 s - 3 min on 2 cores; cached in ~/.cache/torch_extensions/py311_cpu, one
+	@# build per Python version: a second venv on the machine rebuilds it with its own include paths, and back).
 	@# With the venv's bin first on PATH, as every run has it: torch calls whichever `ninja` PATH finds, and the
 	@# system's (1.11) and the venv's (1.13) each rebuild what the other built (measured: a fresh clone's setup
 	@# built it with the system's, and the suite's first DeepSpeed test then spent 34 s building it again).
